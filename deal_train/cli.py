@@ -1,0 +1,115 @@
+"""Command line: ``python -m deal_train --config file.yaml [--key value ...]``.
+
+Precedence: defaults < YAML file < command line. Bad input exits with code 2 and one message,
+no traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from .config import ConfigError, TrainConfig, coerce_value, config_fields, validate
+
+
+def _fmt_default(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(value) if value else "(empty)"
+    if value == "":
+        return "(empty)"
+    return str(value)
+
+
+def build_parser(prog: str = "deal_train", description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with ``--config``, ``--debug`` and one ``--<key>`` option per config key."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description or "Continual LoRA fine-tuning with DEAL and its baselines.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file of config keys (command-line options win).")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks for errors.")
+    for name, typ, default, meta in config_fields():
+        help_text = meta["help"]
+        if "choices" in meta:
+            help_text += f" Choices: {', '.join(map(str, meta['choices']))}."
+        help_text += f" Default: {_fmt_default(default)}."
+        metavar = "BOOL" if typ is bool else ("A,B,..." if typ == list[str] else typ.__name__.upper())
+        parser.add_argument(f"--{name}", dest=name, default=None, metavar=metavar, help=help_text)
+    return parser
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config with the safe loader.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, or a top level that is not a mapping.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of key: value, got {type(data).__name__}.")
+    return data
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Merge defaults, the YAML file named by ``--config`` and command-line values into a validated config.
+
+    Raises:
+        ConfigError: unknown key in the YAML file, a value of the wrong type, or a value out of range.
+    """
+    fields = {name: (typ, default) for name, typ, default, _ in config_fields()}
+    values: dict[str, Any] = {}
+    if args.config:
+        data = load_yaml(args.config)
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(f"Config file {args.config}: unknown key(s) {', '.join(unknown)}. "
+                              f"Run with --help to list the valid keys.")
+        for key, value in data.items():
+            values[key] = coerce_value(key, fields[key][0], value, f"config file {args.config}")
+    for key, (typ, _default) in fields.items():
+        raw = getattr(args, key, None)
+        if raw is not None:
+            values[key] = coerce_value(key, typ, raw, "command line")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def run_cli(main: Callable[[TrainConfig], Any], argv: Sequence[str] | None = None, prog: str = "deal_train",
+            parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse ``argv``, build the config and call ``main(cfg)``; turn user errors into exit code 2."""
+    parser = parser or build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        main(cfg)
+    except ConfigError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted. Finished tasks are saved in the output directory; rerun the same command to resume.",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m deal_train`` / ``accelerate launch -m deal_train``."""
+    from .loop import run
+
+    return run_cli(run, argv)

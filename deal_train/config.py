@@ -1,0 +1,186 @@
+"""One typed configuration object for a continual run.
+
+Every key has a default, a type and a help string; ``deal_train.cli`` turns the
+fields into ``--key value`` command-line options and YAML keys, so the three
+ways of setting a value (default, YAML file, command line) always agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+DATA_DIR_ENV = "DEAL_TRAIN_DATA_DIR"
+"""Environment variable naming the CL_Benchmark directory when ``data_dir`` is not set."""
+
+
+class ConfigError(ValueError):
+    """Bad user input (a config key, a value, a file). The CLI prints the message and exits with code 2."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """All settings of one continual fine-tuning run (see ``--help`` for each key)."""
+
+    # --- what to run -------------------------------------------------------------------------
+    method: str = _f("deal", "Continual-learning method.", ("deal", "seq_lora"))
+    benchmark: str = _f("standard", "Task sequence: tc (3 tasks), standard (4 tasks, orders 1-3), long (15 tasks).",
+                        ("tc", "standard", "long"))
+    order: int = _f(1, "Task order of the standard benchmark (1, 2 or 3).", (1, 2, 3))
+    tasks: list[str] = _f([], "Explicit task sequence (comma-separated names); overrides benchmark/order when set.")
+    data_dir: str = _f("", f"CL_Benchmark directory (<Type>/<task>/{{train,test,labels}}.json). "
+                           f"Empty: ${DATA_DIR_ENV}, else ../shared/cl_benchmark next to the working directory.")
+    output_dir: str = _f("outputs/run", "Where metrics, adapters, predictions and TensorBoard logs go.")
+    overwrite_output_dir: bool = _f(False, "Start over even if output_dir holds a finished or partial run.")
+    seed: int = _f(42, "Random seed (data order, adapter initialisation, sampling of rows).")
+
+    # --- model and adapter -------------------------------------------------------------------
+    model: str = _f("smollm2-135m-instruct",
+                    "Hugging Face id or local directory, or an alias: smollm2-135m-instruct, tiny-random-llama.")
+    chat_template: bool = _f(True, "Wrap the prompt in the tokenizer's chat template (when it has one).")
+    lora_rank: int = _f(8, "LoRA rank r.")
+    lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    target_modules: list[str] = _f(["q_proj", "v_proj"], "Module names that get LoRA adapters (comma-separated).")
+
+    # --- optimisation ------------------------------------------------------------------------
+    learning_rate: float = _f(3e-4, "AdamW learning rate for LoRA parameters (constant, no warm-up).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    num_train_epochs: int = _f(1, "Epochs per task.")
+    per_device_train_batch_size: int = _f(8, "Micro batch size per process.")
+    gradient_accumulation_steps: int = _f(1, "Micro batches per optimizer step.")
+    mixed_precision: str = _f("", "Override Accelerate's mixed precision (no, fp16, bf16); empty keeps the "
+                                  "accelerate config's value.")
+    logging_steps: int = _f(1, "Log train/loss etc. to TensorBoard every N optimizer steps.")
+
+    # --- data --------------------------------------------------------------------------------
+    max_train_samples: int = _f(1000, "Training rows per task (at most; 0 = all).")
+    max_test_samples: int = _f(500, "Test rows per task (at most; 0 = all).")
+    max_source_length: int = _f(512, "Prompt tokens; longer prompts are truncated inside the sentence only.")
+    max_target_length: int = _f(50, "Answer tokens (label + EOS) kept for training.")
+    max_new_tokens: int = _f(50, "Tokens generated at evaluation (greedy; stops at EOS).")
+    per_device_eval_batch_size: int = _f(16, "Batch size for generation at evaluation.")
+    eval_zero_shot: bool = _f(False, "Also evaluate the base model on every task before training (zero-shot row).")
+
+    # --- DEAL (DESIGN.md section 3) -----------------------------------------------------------
+    deal_learning_rate: float = _f(1e-3, "AdamW learning rate of the DEAL retention and update parameters.")
+    deal_scales: int = _f(4, "J: number of heat-kernel scales in the spectral filter (Eqs. 7-10).")
+    deal_mlp_hidden: int = _f(32, "Hidden width h of the update MLP (Eq. 11).")
+    deal_activation: str = _f("gelu", "Activation of the update MLP.", ("gelu", "tanh", "relu", "identity"))
+    deal_update: str = _f("both", "Which LoRA factors DEAL updates (paper Fig. 2a).", ("both", "A", "B"))
+    deal_lambda_retention: float = _f(0.01, "lambda_1: weight of the retention regulariser (Eq. 12).")
+    deal_norm_retention: float = _f(10.0, "a: norm order of the retention regulariser.")
+    deal_lambda_update: float = _f(0.001, "lambda_2: weight of the update regulariser (Eq. 12).")
+    deal_norm_update: float = _f(2.0, "b: norm order of the update regulariser (a >= b).")
+    deal_reg_target: str = _f("delta", "Regularise the distance from each parameter's start-of-task value "
+                                       "(delta) or the raw parameters as in the paper (raw).", ("delta", "raw"))
+    deal_reg_form: str = _f("norm", "Regulariser form: ||x||_p (norm) or ||x||_p^p (power, the paper's).",
+                            ("norm", "power"))
+    deal_lambda_drift: float = _f(0.0, "Drift penalty sum ||O - Y||_F^2 / ||Y||_F^2 over factors (ours, not the "
+                                       "paper's; see DESIGN.md section 7).")
+
+    def resolved_data_dir(self) -> str:
+        """The CL_Benchmark directory to read: ``data_dir``, else ``$DEAL_TRAIN_DATA_DIR``, else ``../shared/cl_benchmark``."""
+        if self.data_dir:
+            return self.data_dir
+        if os.environ.get(DATA_DIR_ENV):
+            return os.environ[DATA_DIR_ENV]
+        return os.path.join("..", "shared", "cl_benchmark")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_fields() -> list[tuple[str, type, Any, dict]]:
+    """(name, type, default, metadata) for every config key, in declaration order."""
+    hints = get_type_hints(TrainConfig)
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append((f.name, hints[f.name], default, dict(f.metadata)))
+    return out
+
+
+def coerce_value(name: str, typ: type, value: Any, source: str) -> Any:
+    """Convert ``value`` (from YAML or the command line) to the key's type.
+
+    Raises:
+        ConfigError: the value cannot be read as that type; the message names the key and the source.
+    """
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if isinstance(value, (list, dict)):
+                raise ValueError
+            return "" if value is None else str(value)
+        if typ == list[str]:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, (list, tuple)):
+                return [str(v) for v in value]
+            raise ValueError
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    tname = "list of strings (comma-separated)" if typ == list[str] else typ.__name__
+    raise ConfigError(f"{source}: key '{name}' expects a {tname}, got {value!r}.")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check values that are wrong on their own (choices, ranges). Task and file checks live in ``data``.
+
+    Raises:
+        ConfigError: naming the key and what to do.
+    """
+    for name, _typ, _default, meta in config_fields():
+        choices = meta.get("choices")
+        if choices is not None and getattr(cfg, name) not in choices:
+            raise ConfigError(f"Config key '{name}' = {getattr(cfg, name)!r} is not one of {list(choices)}.")
+    positive = ["lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                "max_source_length", "max_target_length", "max_new_tokens", "per_device_eval_batch_size",
+                "deal_scales", "deal_mlp_hidden", "logging_steps"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
+    for name in ["learning_rate", "deal_learning_rate"]:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
+    for name in ["max_train_samples", "max_test_samples", "deal_lambda_retention", "deal_lambda_update",
+                 "deal_lambda_drift", "weight_decay", "max_grad_norm", "lora_dropout"]:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"Config key '{name}' must be >= 0, got {getattr(cfg, name)}.")
+    if cfg.deal_norm_retention < 1 or cfg.deal_norm_update < 1:
+        raise ConfigError("deal_norm_retention (a) and deal_norm_update (b) must be >= 1 (they are norm orders).")
+    if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
+        raise ConfigError(f"Config key 'mixed_precision' = {cfg.mixed_precision!r}: use no, fp16 or bf16 (or leave "
+                          f"empty to take the accelerate config's value).")
+    if not cfg.target_modules:
+        raise ConfigError("Config key 'target_modules' is empty: name at least one module, e.g. q_proj,v_proj.")

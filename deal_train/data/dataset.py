@@ -1,0 +1,177 @@
+"""Reading task rows, tokenising prompts and answers, and batching.
+
+Decoder-only training rows are ``prompt + answer + EOS``; the loss sees only the answer and EOS
+positions (labels of the prompt positions are -100). Masking is by position, never by token id:
+SmolLM2's pad token *is* its EOS token, so masking pads by id would also hide the real EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+
+from ..config import ConfigError
+from .prompts import apply_chat, prompt_parts
+from .tasks import Task
+
+IGNORE_INDEX = -100
+
+
+def read_rows(task: Task, split: str) -> list[dict]:
+    """All rows of ``<task dir>/<split>.json`` as ``{"sentence": str, "label": str}`` dicts, validated.
+
+    Raises:
+        ConfigError: the file is missing, is not a JSON list, or a row lacks a non-empty sentence or has a
+            label outside ``labels.json`` (the message names the file and the first offending rows).
+    """
+    path = task.split_path(split)
+    if not os.path.isfile(path):
+        raise ConfigError(f"Task '{task.name}': {path} not found.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            rows = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"Task '{task.name}': {path} is not valid JSON: {err}") from None
+    if not isinstance(rows, list):
+        raise ConfigError(f"Task '{task.name}': {path} must be a JSON list of {{\"label\", \"sentence\"}} rows.")
+    labels = set(task.labels)
+    bad = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            bad.append(f"row {i}: not an object")
+        elif not isinstance(row.get("sentence"), str) or not row["sentence"].strip():
+            bad.append(f"row {i}: missing or empty 'sentence'")
+        elif row.get("label") not in labels:
+            bad.append(f"row {i}: label {row.get('label')!r} is not in labels.json")
+        if len(bad) >= 5:
+            break
+    if bad:
+        raise ConfigError(f"Task '{task.name}': bad rows in {path}: " + "; ".join(bad) +
+                          ". Fix the file or the task's labels.json.")
+    if not rows:
+        raise ConfigError(f"Task '{task.name}': {path} has no rows.")
+    return [{"sentence": r["sentence"], "label": r["label"]} for r in rows]
+
+
+def sample_rows(rows: list[dict], max_samples: int, seed: int) -> list[dict]:
+    """A seeded random subset of at most ``max_samples`` rows (0 = all), in a seeded random order."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows[:max_samples] if max_samples > 0 else rows
+
+
+@dataclass
+class Encoder:
+    """Turns (task, row) into token ids for a decoder-only model.
+
+    Attributes:
+        tokenizer: a Hugging Face tokenizer with ``eos_token_id`` and ``pad_token_id``.
+        max_source_length: prompt length limit in tokens; the sentence is cut, never head or tail.
+        max_target_length: answer length limit in tokens (label + EOS).
+        chat_template: wrap the prompt in the tokenizer's chat template.
+    """
+
+    tokenizer: object
+    max_source_length: int
+    max_target_length: int
+    chat_template: bool
+
+    def _prompt_text(self, head: str, sentence: str, tail: str) -> str:
+        text = head + sentence + tail
+        return apply_chat(self.tokenizer, text) if self.chat_template else text
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=not self.chat_template)["input_ids"]
+
+    def encode_prompt(self, task: Task, sentence: str) -> tuple[list[int], bool]:
+        """Prompt token ids (length <= max_source_length) and whether the sentence was truncated.
+
+        Raises:
+            ConfigError: the prompt without any sentence already exceeds ``max_source_length``.
+        """
+        head, sentence, tail = prompt_parts(task, sentence)
+        ids = self._ids(self._prompt_text(head, sentence, tail))
+        if len(ids) <= self.max_source_length:
+            return ids, False
+        sent_ids = self.tokenizer(sentence, add_special_tokens=False)["input_ids"]
+        keep = len(sent_ids) - (len(ids) - self.max_source_length)
+        while True:
+            if keep <= 0:
+                empty = self._ids(self._prompt_text(head, "", tail))
+                if len(empty) > self.max_source_length:
+                    raise ConfigError(
+                        f"Task '{task.name}': the prompt without its sentence is {len(empty)} tokens, more than "
+                        f"max_source_length={self.max_source_length}. Raise max_source_length.")
+                return empty, True
+            cut = self.tokenizer.decode(sent_ids[:keep])
+            ids = self._ids(self._prompt_text(head, cut, tail))
+            if len(ids) <= self.max_source_length:
+                return ids, True
+            keep -= max(1, len(ids) - self.max_source_length)
+
+    def encode_answer(self, label: str) -> list[int]:
+        """Answer token ids: the label (after a space without chat template) followed by EOS."""
+        text = label if self.chat_template else " " + label
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = ids[: self.max_target_length - 1] + [self.tokenizer.eos_token_id]
+        return ids
+
+    def train_features(self, task: Task, rows: list[dict]) -> tuple[Dataset, int]:
+        """Tokenised training rows: ``input_ids``, ``labels`` (-100 on the prompt), and the count truncated."""
+        feats, truncated = [], 0
+        for row in rows:
+            prompt, cut = self.encode_prompt(task, row["sentence"])
+            truncated += cut
+            answer = self.encode_answer(row["label"])
+            feats.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
+        return Dataset.from_list(feats), truncated
+
+    def eval_features(self, task: Task, rows: list[dict]) -> tuple[Dataset, int]:
+        """Tokenised evaluation prompts with their reference labels, and the count truncated."""
+        feats, truncated = [], 0
+        for i, row in enumerate(rows):
+            prompt, cut = self.encode_prompt(task, row["sentence"])
+            truncated += cut
+            feats.append({"input_ids": prompt, "label": row["label"], "index": i})
+        return Dataset.from_list(feats), truncated
+
+
+def collate_train(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of training features.
+
+    Returns:
+        ``input_ids`` and ``attention_mask`` (batch × max_len, int64) and ``labels`` (batch × max_len,
+        -100 on prompt and padding positions).
+    """
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(f["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_eval(features: list[dict], pad_token_id: int) -> dict:
+    """Left-pad prompts for batched generation; keeps ``label`` strings and row ``index``.
+
+    Returns:
+        ``input_ids``/``attention_mask`` (batch × max_len), ``labels`` (list of str), ``index`` (list of int).
+    """
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, width - n:] = torch.tensor(f["input_ids"])
+        mask[i, width - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": [f["label"] for f in features],
+            "index": [f["index"] for f in features]}

@@ -1,0 +1,196 @@
+"""The DEAL maths (DESIGN.md section 3; paper Eqs. 7-12).
+
+A LoRA layer computes ``h = W0 x + (alpha / r) B A x`` with ``A = lora_A.weight`` (r × d_in) and
+``B = lora_B.weight`` (d_out × r). DEAL writes each factor with the rank as its column dimension,
+``Y`` (n × r): ``Y = Aᵀ`` for A and ``Y = B`` for B. For every task after the first, the factors left
+by the previous task are the frozen *history* and DEAL learns a map ``Y -> O``:
+
+1. Knowledge retention, a wavelet filter over Y's singular spectrum (Eqs. 7-10)::
+
+       Y = U diag(s) Vᵀ                      (thin SVD, taken once per task, no gradient)
+       phi_j(s) = exp(-(ŝ - c_j)² / (2 sigma_j²)),  ŝ = s / max(s)     (heat kernels, j = 1..J)
+       rho(s)   = 1 + sum_j g_j ⊙ phi_j(s)   (g: J × r learnable gains, c: J learnable centres)
+       X̂        = U diag(s ⊙ rho(s)) Vᵀ
+
+2. Controlled knowledge update, an MLP over the rank dimension applied to each row (Eq. 11)::
+
+       O = X̂ + W2 act(W1 X̂ᵀ + b1) + b2      (W1: h × r, W2: r × h; W2 = 0, b2 = 0 at start)
+
+3. Regularisers (Eq. 12) on the retention parameters θ1 = {g, c} and the update parameters
+   θ2 = {W1, b1, W2, b2}, plus an optional drift penalty ||O - Y||²_F / ||Y||²_F (ours).
+
+With g = 0 and W2 = b2 = 0 at the start of a task, O = Y exactly (identity at start). After the
+task the map is folded: A <- O_Aᵀ, B <- O_B, giving a plain LoRA adapter of the same shape.
+
+The map is installed with ``torch.nn.utils.parametrize`` on ``lora_A.weight`` / ``lora_B.weight``;
+the history factor and its SVD are buffers (not parameters) so ZeRO-3 does not shard them away.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+ACTIVATIONS = {"gelu": nn.GELU, "tanh": nn.Tanh, "relu": nn.ReLU, "identity": nn.Identity}
+
+
+def heat_widths(num_scales: int) -> torch.Tensor:
+    """Fixed multi-scale widths sigma_j = 0.5 · 2^-j, j = 0..J-1, on singular values normalised to [0, 1]."""
+    return 0.5 * torch.pow(2.0, -torch.arange(num_scales, dtype=torch.float32))
+
+
+class SpectralFilter(nn.Module):
+    """Heat-kernel wavelet filter over the singular spectrum of a frozen factor Y (paper Eqs. 7-10).
+
+    Args:
+        history: Y, shape (n, r), the frozen factor (any float dtype; the SVD is taken in float32).
+        num_scales: J, the number of heat kernels.
+
+    Buffers: ``U`` (n × r), ``s`` (r), ``Vh`` (r × r), ``s_norm`` (r, s / max s), ``sigma`` (J).
+    Parameters: ``centres`` c (J, initialised to linspace(0, 1, J)), ``gains`` g (J × r, zeros).
+
+    The SVD is computed once without gradient, so a zero factor or repeated singular values give
+    finite gradients (no SVD backward is ever taken).
+    """
+
+    def __init__(self, history: torch.Tensor, num_scales: int):
+        super().__init__()
+        with torch.no_grad():
+            y = history.detach().float()
+            u, s, vh = torch.linalg.svd(y, full_matrices=False)
+            s_max = s.max() if s.numel() else torch.tensor(0.0)
+            s_norm = s / s_max if float(s_max) > 0 else torch.zeros_like(s)
+        self.register_buffer("U", u)
+        self.register_buffer("s", s)
+        self.register_buffer("Vh", vh)
+        self.register_buffer("s_norm", s_norm)
+        self.register_buffer("sigma", heat_widths(num_scales))
+        rank = s.numel()
+        self.centres = nn.Parameter(torch.linspace(0.0, 1.0, num_scales))
+        self.gains = nn.Parameter(torch.zeros(num_scales, rank))
+
+    def response(self) -> torch.Tensor:
+        """rho(s) = 1 + sum_j g_j ⊙ phi_j(s), shape (r,)."""
+        diff = self.s_norm.unsqueeze(0) - self.centres.unsqueeze(1)          # J × r
+        phi = torch.exp(-diff.pow(2) / (2.0 * self.sigma.unsqueeze(1).pow(2)))  # J × r
+        return 1.0 + (self.gains * phi).sum(dim=0)
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        """X̂ = U diag(s ⊙ rho(s)) Vᵀ, shape (n, r), computed as Y + U diag(s ⊙ (rho(s) - 1)) Vᵀ.
+
+        The two forms are equal since Y = U diag(s) Vᵀ; the second returns Y bit-exactly while g = 0
+        (identity at the start of a task) instead of Y up to the SVD's rounding.
+        """
+        return history + (self.U * (self.s * (self.response() - 1.0)).unsqueeze(0)) @ self.Vh
+
+
+class UpdateMLP(nn.Module):
+    """Row-wise residual MLP over the rank dimension (paper Eq. 11, residual form of DESIGN.md section 3).
+
+    ``forward(X)`` maps (n, r) to (n, r): ``X + W2 act(W1 x + b1) + b2`` for every row x.
+    W2 and b2 start at zero, so the map starts as the identity.
+    """
+
+    def __init__(self, rank: int, hidden: int, activation: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(rank, hidden)
+        self.act = ACTIVATIONS[activation]()
+        self.fc2 = nn.Linear(hidden, rank)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class DEALFactor(nn.Module):
+    """Parametrization ``W -> DEAL(history)`` for one LoRA weight (``lora_A.weight`` or ``lora_B.weight``).
+
+    Args:
+        weight: the history weight as stored by PEFT: A (r × d_in) when ``transpose`` else B (d_out × r).
+        transpose: True for lora_A (Y = Aᵀ), False for lora_B (Y = B).
+        num_scales, hidden, activation: J, h and the MLP activation.
+
+    ``forward`` ignores its input (the frozen original weight) and returns O (or Oᵀ for A) in the
+    weight's dtype and layout, so ``parametrize`` can fold it with ``leave_parametrized=True``.
+    """
+
+    def __init__(self, weight: torch.Tensor, transpose: bool, num_scales: int, hidden: int, activation: str):
+        super().__init__()
+        self.transpose = transpose
+        history = weight.detach().t() if transpose else weight.detach()
+        self.register_buffer("history", history.float().clone())
+        self.retention = SpectralFilter(history, num_scales)
+        self.update = UpdateMLP(history.shape[1], hidden, activation)
+        self._out_dtype = weight.dtype
+
+    def factor(self) -> torch.Tensor:
+        """O, shape (n, r), float32."""
+        return self.update(self.retention(self.history))
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        out = self.factor()
+        out = out.t() if self.transpose else out
+        return out.to(original.dtype)
+
+    def retention_parameters(self) -> list[nn.Parameter]:
+        """θ1 = {g, c} of Eq. 12."""
+        return list(self.retention.parameters())
+
+    def update_parameters(self) -> list[nn.Parameter]:
+        """θ2 = {W1, b1, W2, b2} of Eq. 12."""
+        return list(self.update.parameters())
+
+    def drift(self) -> torch.Tensor:
+        """||O - Y||²_F / ||Y||²_F (scalar; denominator clamped at 1e-12 for an all-zero history)."""
+        diff = self.factor() - self.history
+        return diff.pow(2).sum() / self.history.pow(2).sum().clamp_min(1e-12)
+
+
+def p_norm(x: torch.Tensor, p: float) -> torch.Tensor:
+    """||x||_p = (sum |x|^p)^(1/p), computed as m · ||x / m||_p with m = max |x| (constant) so that large p
+    (the paper's a = 10) neither underflows nor overflows in float32. Gradient 0 at x = 0 (not NaN)."""
+    m = x.detach().abs().max()
+    if float(m) == 0.0:
+        return (x * 0.0).sum()
+    return m * torch.linalg.vector_norm(x / m, ord=p)
+
+
+def regulariser(params: list[torch.Tensor], starts: list[torch.Tensor] | None, p: float, form: str) -> torch.Tensor:
+    """Sum over parameter tensors of ||θ - θ₀||_p (``form='norm'``) or ||θ - θ₀||_p^p (``form='power'``).
+
+    Args:
+        params: the current parameters.
+        starts: their values at the start of the task (same shapes), or None for the raw ``||θ||`` form.
+        p: the norm order (a or b of Eq. 12), p >= 1.
+        form: ``norm`` or ``power``.
+    Returns:
+        A scalar tensor (float32) with gradients to ``params``.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
+    for i, theta in enumerate(params):
+        x = theta.float() if starts is None else theta.float() - starts[i]
+        if form == "power":
+            total = total + x.abs().pow(p).sum()
+        else:
+            total = total + p_norm(x, p)
+    return total
+
+
+def attach(module: nn.Module, tensor_name: str, factor: DEALFactor) -> None:
+    """Install ``factor`` as the parametrization of ``module.<tensor_name>`` (the weight stays frozen)."""
+    getattr(module, tensor_name).requires_grad_(False)
+    parametrize.register_parametrization(module, tensor_name, factor)
+
+
+def fold(module: nn.Module, tensor_name: str = "weight") -> None:
+    """Replace the parametrized weight by its current value O (or Oᵀ) and drop the DEAL modules.
+
+    The parameter object stays the same and keeps ``requires_grad=False``.
+    """
+    param_before = module.parametrizations[tensor_name].original
+    requires_grad = param_before.requires_grad
+    parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    getattr(module, tensor_name).requires_grad_(requires_grad)
+

@@ -1,0 +1,114 @@
+"""Evaluation protocol (DESIGN.md section 2): greedy generation, exact match, ROUGE-1, AA and BWT.
+
+After training task t every task i <= t is evaluated on its test split, filling the accuracy matrix
+``a[i][t]`` (row i = task i, column t = after training task t; None where not evaluated).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Sequence
+
+import torch
+from rouge_score import rouge_scorer
+from torch.utils.data import DataLoader
+
+from .data import collate_eval
+
+_SPECIAL_TOKEN = re.compile(r"<\|?[a-zA-Z_/]+\|?>")
+_scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: drop special tokens such as ``</s>`` / ``<pad>`` / ``<|im_end|>``,
+    lower-case, strip punctuation, collapse whitespace. Articles are kept (COPA's labels are "A" and "B")."""
+    text = _SPECIAL_TOKEN.sub(" ", text).lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 if the normalised prediction equals the normalised reference, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def rouge1(prediction: str, reference: str) -> float:
+    """ROUGE-1 F1 from the ``rouge-score`` package, Porter stemmer on (0..1)."""
+    return _scorer.score(reference, prediction)["rouge1"].fmeasure
+
+
+def average_accuracy(matrix: Sequence[Sequence[float | None]]) -> float:
+    """AA = mean_i a[i][T] over the last column (paper Sec. 4).
+
+    Raises:
+        ValueError: an entry of the last column is missing.
+    """
+    last = [row[-1] for row in matrix]
+    if any(v is None for v in last):
+        raise ValueError("average_accuracy needs every task evaluated after the last task.")
+    return sum(last) / len(last)
+
+
+def backward_transfer(matrix: Sequence[Sequence[float | None]]) -> float | None:
+    """BWT = mean_{i<T} (a[i][T] - a[i][i]); None for a single task."""
+    n = len(matrix)
+    if n < 2:
+        return None
+    return sum(matrix[i][n - 1] - matrix[i][i] for i in range(n - 1)) / (n - 1)
+
+
+@torch.no_grad()
+def generate_predictions(model, tokenizer, features, batch_size: int, max_new_tokens: int,
+                         accelerator=None) -> list[dict]:
+    """Greedy generation for a tokenised evaluation set (left padding; only the new tokens are decoded).
+
+    Args:
+        features: rows with ``input_ids`` (prompt), ``label`` and ``index`` (from ``Encoder.eval_features``).
+        batch_size: prompts per ``generate`` call.
+        max_new_tokens: generation stops at EOS or after this many tokens.
+        accelerator: when given (several processes), each process generates a shard and the results are gathered.
+    Returns:
+        One dict per row in row order: ``index``, ``prediction`` (str), ``label`` (str).
+    """
+    loader = DataLoader(features, batch_size=batch_size, shuffle=False,
+                        collate_fn=lambda b: collate_eval(b, tokenizer.pad_token_id))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[dict] = []
+    indices = list(range(len(features)))
+    if accelerator is not None and accelerator.num_processes > 1:
+        indices = indices[accelerator.process_index::accelerator.num_processes]
+        shard = features.select(indices)
+        loader = DataLoader(shard, batch_size=batch_size, shuffle=False,
+                            collate_fn=lambda b: collate_eval(b, tokenizer.pad_token_id))
+    for batch in loader:
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new_tokens = gen[:, ids.shape[1]:]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for idx, text, label in zip(batch["index"], texts, batch["labels"]):
+            out.append({"index": int(idx), "prediction": text.strip(), "label": label})
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        out = gather_object(out)
+    model.train(was_training)
+    out.sort(key=lambda r: r["index"])
+    return out
+
+
+def score(predictions: list[dict]) -> dict[str, float]:
+    """Exact match and ROUGE-1 (both in %, 0..100) over a list of predictions; adds per-row scores in place."""
+    if not predictions:
+        return {"exact_match": 0.0, "rouge1": 0.0}
+    em = r1 = 0.0
+    for row in predictions:
+        row["exact_match"] = exact_match(row["prediction"], row["label"])
+        row["rouge1"] = rouge1(row["prediction"], row["label"])
+        em += row["exact_match"]
+        r1 += row["rouge1"]
+    return {"exact_match": 100.0 * em / len(predictions), "rouge1": 100.0 * r1 / len(predictions)}

@@ -1,0 +1,343 @@
+"""The continual training loop on Accelerate: read it top to bottom.
+
+``run(cfg)``: validate every task's data, load the model, then for each task
+``method.before_task`` -> AdamW (constant LR) over ``method.param_groups`` -> micro batches with
+gradient accumulation and clipping -> ``method.after_task`` -> save a plain PEFT adapter -> evaluate
+every task seen so far -> write ``metrics.json`` (atomically). A rerun of the same command resumes
+after the last finished task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import ConfigError, TrainConfig
+from .data import Encoder, collate_train, load_task, read_rows, sample_rows, task_sequence
+from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
+from .methods import ContinualMethod, get_method
+from .models import check_target_modules, load_model, load_tokenizer
+from .outputs import (atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
+                      write_predictions)
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class TaskData:
+    """One task's rows and tokenised features."""
+
+    task: object
+    train_rows: list
+    test_rows: list
+    train_features: object = None
+    test_features: object = None
+    truncated_train: int = 0
+    truncated_test: int = 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes (``getrusage``; Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def prepare_data(cfg: TrainConfig) -> list[TaskData]:
+    """Load and validate every task of the sequence before any training starts.
+
+    Raises:
+        ConfigError: unknown task/benchmark, missing or malformed files, labels outside the label set,
+            or a task left empty after ``max_train_samples``.
+    """
+    names = task_sequence(cfg.benchmark, cfg.order, cfg.tasks)
+    data_dir = cfg.resolved_data_dir()
+    out = []
+    for i, name in enumerate(names):
+        task = load_task(data_dir, name)
+        train = sample_rows(read_rows(task, "train"), cfg.max_train_samples, cfg.seed + i)
+        test = sample_rows(read_rows(task, "test"), cfg.max_test_samples, cfg.seed + 1000 + i)
+        if not train or not test:
+            raise ConfigError(f"Task '{name}' has no rows left after max_train_samples/max_test_samples.")
+        out.append(TaskData(task=task, train_rows=train, test_rows=test))
+    return out
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions.
+
+    Args:
+        logits: (batch, seq, vocab). labels: (batch, seq), -100 where ignored.
+    Returns:
+        (sum of CE in nats as a float32 scalar, number of labelled tokens).
+    """
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    picked = shift_logits[mask].float()
+    ce = torch.nn.functional.cross_entropy(picked, shift_labels[mask], reduction="sum")
+    return ce, int(mask.sum())
+
+
+def _flat_config(cfg: TrainConfig) -> dict:
+    return {k: (",".join(v) if isinstance(v, list) else v) for k, v in cfg.to_dict().items()}
+
+
+def _check_output_dir(cfg: TrainConfig) -> dict | None:
+    """Return the partial metrics of an earlier run to resume, or None to start fresh.
+
+    Raises:
+        ConfigError: the directory holds a finished run, or a run with a different config, and
+            ``overwrite_output_dir`` is off.
+    """
+    path = os.path.join(cfg.output_dir, METRICS_FILE)
+    if cfg.overwrite_output_dir or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is unreadable ({err}); pass --overwrite_output_dir to start over.") from None
+    if old.get("finished"):
+        raise ConfigError(f"Output directory {cfg.output_dir} already holds a finished run. Choose another "
+                          f"output_dir or pass --overwrite_output_dir true.")
+    ignore = {"output_dir", "overwrite_output_dir", "logging_steps", "per_device_eval_batch_size"}
+    old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in ignore}
+    new_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    if old_cfg != new_cfg:
+        diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+        raise ConfigError(f"Output directory {cfg.output_dir} holds a partial run with a different config "
+                          f"(keys: {', '.join(diff)}). Rerun with the same settings to resume, or pass "
+                          f"--overwrite_output_dir true.")
+    return old
+
+
+def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: TaskData, cfg: TrainConfig,
+               task_index: int, global_step: int, pad_token_id: int) -> tuple[int, dict]:
+    """Train one task for ``num_train_epochs``; returns the new global step and the task's statistics.
+
+    Loss per optimizer step = (sum of answer-token CE over the accumulation window) / (answer tokens in
+    the window, over all processes) + the method's extra loss, so micro batch × accumulation gives the
+    same gradient as one large batch whatever the answer lengths.
+    """
+    set_seed(cfg.seed + task_index)  # same state at each task start, also after a resume
+    method.before_task(model, task_index, data.train_rows)
+    groups = [g for g in method.param_groups(model) if g["params"]]
+    n_trainable = sum(p.numel() for g in groups for p in g["params"])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed + task_index)
+    loader = DataLoader(data.train_features, batch_size=cfg.per_device_train_batch_size, shuffle=True,
+                        generator=generator, collate_fn=lambda b: collate_train(b, pad_token_id))
+    accelerator.free_memory()
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model.train()
+    gas = cfg.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(loader) / gas)
+    total_steps = steps_per_epoch * cfg.num_train_epochs
+    name = data.task.name
+    bar = tqdm(total=total_steps, desc=f"task {task_index + 1} {name}", disable=not accelerator.is_local_main_process,
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    samples = 0
+    losses = []
+    params = [p for g in groups for p in g["params"]]
+    for _epoch in range(cfg.num_train_epochs):
+        it = iter(loader)
+        while True:
+            window = []
+            for _ in range(gas):
+                batch = next(it, None)
+                if batch is None:
+                    break
+                window.append(batch)
+            if not window:
+                break
+            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+            window_tokens = int(accelerator.gather(torch.tensor([local_tokens], device=accelerator.device)).sum())
+            scale = accelerator.num_processes * gas / max(window_tokens, 1)
+            step_ce, step_extra, logs = 0.0, 0.0, {}
+            for i, batch in enumerate(window):
+                last = i == len(window) - 1
+                accelerator.gradient_state._set_sync_gradients(last)  # as transformers.Trainer does
+                ctx = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                with ctx:
+                    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    ce_sum, _n = token_cross_entropy_sum(outputs.logits, batch["labels"])
+                    loss = ce_sum * scale
+                    extra, logs = method.extra_loss(model, batch, outputs)
+                    if extra is not None:
+                        loss = loss + extra * gas / len(window)
+                        step_extra += float(extra) / len(window)
+                    accelerator.backward(loss)
+                step_ce += float(ce_sum.detach())
+                samples += batch["input_ids"].shape[0] * accelerator.num_processes
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            ce_mean = step_ce * accelerator.num_processes / max(window_tokens, 1)
+            losses.append(ce_mean)
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{ce_mean:.3f}", samples_s=f"{samples / elapsed:.2f}")
+            if global_step % cfg.logging_steps == 0:
+                accelerator.log({"train/loss": ce_mean, "train/extra_loss": step_extra,
+                                 "train/learning_rate": optimizer.param_groups[0]["lr"],
+                                 "train/samples_per_second": samples / elapsed, "train/task": task_index + 1,
+                                 **logs}, step=global_step)
+    bar.close()
+    accelerator.gradient_state._set_sync_gradients(True)
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    method.after_task(model, task_index)
+    seconds = time.perf_counter() - start
+    accelerator.free_memory()
+    stats = {"train_seconds": seconds, "optimizer_steps": total_steps, "train_samples": samples,
+             "samples_per_second": samples / seconds if seconds > 0 else 0.0,
+             "final_loss": losses[-1] if losses else None,
+             "mean_loss": sum(losses) / len(losses) if losses else None,
+             "trainable_parameters": n_trainable}
+    return global_step, stats
+
+
+def evaluate_seen(accelerator, model, method, tokenizer, datas: list[TaskData], upto: int, cfg: TrainConfig,
+                  pred_dir: str | None) -> list[dict]:
+    """Evaluate tasks 0..upto; returns one score dict per task and writes predictions under ``pred_dir``."""
+    results = []
+    for i in range(upto + 1):
+        d = datas[i]
+        with method.eval_adapter(model, i):
+            preds = generate_predictions(model, tokenizer, d.test_features, cfg.per_device_eval_batch_size,
+                                         cfg.max_new_tokens, accelerator)
+        scores = score(preds)
+        if pred_dir and accelerator.is_main_process:
+            write_predictions(os.path.join(pred_dir, f"{i + 1}-{d.task.name}.jsonl"), preds)
+        results.append(scores)
+    return results
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train the configured method on the task sequence; returns the final metrics dict.
+
+    Outputs under ``cfg.output_dir``: ``metrics.json``, ``accuracy_matrix.png``, ``predictions/``,
+    ``adapters/<k>-<task>/`` (plain PEFT LoRA), ``tensorboard/``.
+
+    Raises:
+        ConfigError: any invalid input, before training starts.
+    """
+    datas = prepare_data(cfg)
+    resume = _check_output_dir(cfg)
+    out = cfg.output_dir
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision or None,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "tensorboard")),
+    )
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_model(cfg.model, tokenizer)
+    check_target_modules(base, cfg.target_modules)
+    chat = cfg.chat_template and getattr(tokenizer, "chat_template", None) is not None
+    encoder = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, chat)
+    for d in datas:
+        d.train_features, d.truncated_train = encoder.train_features(d.task, d.train_rows)
+        d.test_features, d.truncated_test = encoder.eval_features(d.task, d.test_rows)
+    names = [d.task.name for d in datas]
+    n = len(datas)
+    method = get_method(cfg)
+    model = method.wrap(base)
+    model.to(accelerator.device)
+    accelerator.init_trackers("deal_train", config=_flat_config(cfg))
+    metrics = {
+        "tasks": names, "method": cfg.method, "model": cfg.model, "finished": False, "completed_tasks": 0,
+        "accuracy_matrix": [[None] * n for _ in range(n)], "rouge1_matrix": [[None] * n for _ in range(n)],
+        "average_accuracy": None, "backward_transfer": None, "average_rouge1": None,
+        "zero_shot": None, "per_task": [], "truncated_rows": {d.task.name: {"train": d.truncated_train,
+                                                                             "test": d.truncated_test}
+                                                               for d in datas},
+        "config": cfg.to_dict(),
+    }
+    global_step = 0
+    start_task = 0
+    if resume is not None and resume.get("completed_tasks", 0) > 0:
+        k = resume["completed_tasks"]
+        adapter = os.path.join(out, "adapters", f"{k}-{names[k - 1]}")
+        if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+            raise ConfigError(f"Cannot resume: {adapter} is missing although metrics.json says {k} task(s) are done. "
+                              f"Pass --overwrite_output_dir true to start over.")
+        method.load_adapter_weights(model, adapter)
+        method.task_index = k - 1
+        metrics.update({key: resume[key] for key in ("accuracy_matrix", "rouge1_matrix", "zero_shot", "per_task")})
+        metrics["completed_tasks"] = k
+        global_step = resume.get("global_step", 0)
+        start_task = k
+        accelerator.print(f"Resuming {out}: {k} of {n} tasks already done.")
+    elif cfg.eval_zero_shot:
+        with model.disable_adapter():
+            zs = evaluate_seen(accelerator, model, method, tokenizer, datas, n - 1, cfg,
+                               os.path.join(out, "predictions", "zero_shot"))
+        metrics["zero_shot"] = {name: s["exact_match"] for name, s in zip(names, zs)}
+        accelerator.print("zero-shot exact match: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                                 metrics["zero_shot"].items()))
+    if accelerator.is_main_process:
+        atomic_write_json(os.path.join(out, METRICS_FILE), {**metrics, "global_step": global_step})
+
+    for t in range(start_task, n):
+        d = datas[t]
+        global_step, stats = train_task(accelerator, model, method, d, cfg, t, global_step, tokenizer.pad_token_id)
+        if accelerator.is_main_process:
+            atomic_write_dir(os.path.join(out, "adapters", f"{t + 1}-{d.task.name}"),
+                             lambda tmp: method.save_adapter(model, tmp))
+        eval_start = time.perf_counter()
+        results = evaluate_seen(accelerator, model, method, tokenizer, datas, t, cfg,
+                                os.path.join(out, "predictions", f"after_{t + 1}-{d.task.name}"))
+        stats["eval_seconds"] = time.perf_counter() - eval_start
+        stats["peak_rss_bytes"] = peak_rss_bytes()
+        for i, s in enumerate(results):
+            metrics["accuracy_matrix"][i][t] = s["exact_match"]
+            metrics["rouge1_matrix"][i][t] = s["rouge1"]
+        seen_aa = sum(metrics["accuracy_matrix"][i][t] for i in range(t + 1)) / (t + 1)
+        logs = {f"eval/{datas[i].task.name}/exact_match": s["exact_match"] for i, s in enumerate(results)}
+        logs.update({f"eval/{datas[i].task.name}/rouge1": s["rouge1"] for i, s in enumerate(results)})
+        logs["eval/average_accuracy"] = seen_aa
+        accelerator.log(logs, step=global_step)
+        metrics["per_task"].append({"task": d.task.name, **stats, "average_accuracy_so_far": seen_aa})
+        metrics["completed_tasks"] = t + 1
+        accelerator.print(f"after task {t + 1} ({d.task.name}): " + ", ".join(
+            f"{datas[i].task.name} {s['exact_match']:.1f}" for i, s in enumerate(results)) +
+            f" | AA so far {seen_aa:.1f} | train {stats['train_seconds']:.0f}s, eval {stats['eval_seconds']:.0f}s")
+        if accelerator.is_main_process:
+            atomic_write_json(os.path.join(out, METRICS_FILE), {**metrics, "global_step": global_step})
+
+    acc = metrics["accuracy_matrix"]
+    metrics["average_accuracy"] = average_accuracy(acc)
+    metrics["backward_transfer"] = backward_transfer(acc)
+    metrics["average_rouge1"] = average_accuracy(metrics["rouge1_matrix"])
+    metrics["wall_seconds"] = sum(p["train_seconds"] + p["eval_seconds"] for p in metrics["per_task"])
+    metrics["finished"] = True
+    if accelerator.is_main_process:
+        atomic_write_json(os.path.join(out, METRICS_FILE), {**metrics, "global_step": global_step})
+        title = f"{cfg.method} on {cfg.benchmark}" + (f" order {cfg.order}" if cfg.benchmark == "standard" else "")
+        title += f" | AA {metrics['average_accuracy']:.1f}"
+        if metrics["backward_transfer"] is not None:
+            title += f", BWT {metrics['backward_transfer']:+.1f}"
+        plot_accuracy_matrix(os.path.join(out, "accuracy_matrix.png"), names, acc, title)
+    accelerator.end_training()
+    bwt = metrics["backward_transfer"]
+    accelerator.print("\nAccuracy matrix (exact match %, row = task, column = after training task t):\n" +
+                      format_matrix(names, acc) +
+                      f"\n\nAverage accuracy {metrics['average_accuracy']:.2f} | backward transfer "
+                      f"{'n/a' if bwt is None else f'{bwt:+.2f}'} | average ROUGE-1 {metrics['average_rouge1']:.2f}"
+                      f" | wall {metrics['wall_seconds']:.0f}s\nOutputs in {out}")
+    return metrics

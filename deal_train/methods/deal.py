@@ -1,0 +1,102 @@
+"""DEAL: continual LoRA where a spectral filter keeps the old adapter and a small MLP adds the new
+(NeurIPS 2025; DESIGN.md section 3). The maths lives in ``deal_train.deal``; this module applies it to
+every LoRA layer of a PEFT model at the right points of the continual loop.
+
+Task 0 trains a plain LoRA adapter. Before every later task the adapter is frozen as the history, a
+``DEALFactor`` parametrization is installed on ``lora_A.weight`` and/or ``lora_B.weight`` of each LoRA
+layer (``deal_update``), and only the retention and update parameters train. After the task the
+parametrizations are folded into the weights, leaving a plain PEFT LoRA adapter of the same rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch.nn.utils import parametrize
+
+from ..deal import DEALFactor, attach, fold, regulariser
+from .base import ContinualMethod
+
+
+def lora_layers(model: torch.nn.Module, adapter: str = "default") -> list[tuple[str, LoraLayer]]:
+    """(name, layer) for every PEFT LoRA layer that holds ``adapter``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+
+class DEAL(ContinualMethod):
+    """DEAL with the heat-kernel retention filter and residual update MLP.
+
+    Config keys: ``deal_learning_rate``, ``deal_scales`` (J), ``deal_mlp_hidden`` (h), ``deal_activation``,
+    ``deal_update`` (both/A/B), ``deal_lambda_retention`` / ``deal_norm_retention`` (λ1, a),
+    ``deal_lambda_update`` / ``deal_norm_update`` (λ2, b), ``deal_reg_target`` (delta/raw),
+    ``deal_reg_form`` (norm/power), ``deal_lambda_drift``.
+    """
+
+    name = "deal"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.factors: list[DEALFactor] = []
+        self._retention_start: list[torch.Tensor] = []
+        self._update_start: list[torch.Tensor] = []
+
+    def before_task(self, model: PeftModel, task_index: int, train_rows=None) -> None:
+        super().before_task(model, task_index, train_rows)
+        self.factors = []
+        if task_index == 0:
+            return  # task 1 has no history: plain LoRA
+        cfg = self.cfg
+        for _name, layer in lora_layers(model):
+            for which, linear in (("A", layer.lora_A["default"]), ("B", layer.lora_B["default"])):
+                linear.weight.requires_grad_(False)  # the history is frozen
+                if cfg.deal_update not in ("both", which):
+                    continue
+                factor = DEALFactor(linear.weight, transpose=(which == "A"), num_scales=cfg.deal_scales,
+                                    hidden=cfg.deal_mlp_hidden, activation=cfg.deal_activation)
+                factor.to(linear.weight.device)
+                attach(linear, "weight", factor)
+                self.factors.append(factor)
+        self._retention_start = [p.detach().clone().float() for f in self.factors for p in f.retention_parameters()]
+        self._update_start = [p.detach().clone().float() for f in self.factors for p in f.update_parameters()]
+
+    def deal_parameters(self) -> list[torch.nn.Parameter]:
+        """All retention and update parameters of the current task (empty on task 0)."""
+        return [p for f in self.factors for p in f.parameters()]
+
+    def param_groups(self, model: PeftModel) -> list[dict]:
+        if self.task_index == 0:
+            return super().param_groups(model)
+        return [{"params": self.deal_parameters(), "lr": self.cfg.deal_learning_rate}]
+
+    def regularisation(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """λ1 Σ||θ1 − θ1₀||_a + λ2 Σ||θ2 − θ2₀||_b (Eq. 12, or the raw ||θ|| form) + λ_drift Σ drift."""
+        cfg = self.cfg
+        theta1 = [p for f in self.factors for p in f.retention_parameters()]
+        theta2 = [p for f in self.factors for p in f.update_parameters()]
+        raw = cfg.deal_reg_target == "raw"
+        r1 = regulariser(theta1, None if raw else self._retention_start, cfg.deal_norm_retention, cfg.deal_reg_form)
+        r2 = regulariser(theta2, None if raw else self._update_start, cfg.deal_norm_update, cfg.deal_reg_form)
+        total = cfg.deal_lambda_retention * r1 + cfg.deal_lambda_update * r2
+        logs = {"deal/reg_retention": float(r1.detach()), "deal/reg_update": float(r2.detach())}
+        if cfg.deal_lambda_drift > 0:
+            drift = torch.stack([f.drift() for f in self.factors]).sum()
+            total = total + cfg.deal_lambda_drift * drift
+            logs["deal/drift"] = float(drift.detach())
+        return total, logs
+
+    def extra_loss(self, model, batch, outputs):
+        if self.task_index == 0 or not self.factors:
+            return None, {}
+        return self.regularisation()
+
+    def after_task(self, model: PeftModel, task_index: int) -> None:
+        """Fold: A <- O_Aᵀ, B <- O_B in place; the adapter is plain LoRA again (and stays frozen)."""
+        if task_index == 0:
+            return
+        with torch.no_grad():
+            for _name, layer in lora_layers(model):
+                for linear in (layer.lora_A["default"], layer.lora_B["default"]):
+                    if parametrize.is_parametrized(linear, "weight"):
+                        fold(linear, "weight")
+        self.factors = []

@@ -1,0 +1,100 @@
+"""Writing results: atomic files and directories, predictions, the accuracy-matrix plot, the summary table.
+
+Every file is written to a temporary name in the same directory and renamed into place, so a crash
+or Ctrl-C never leaves a half-written ``metrics.json`` or adapter behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Sequence
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, data: Any) -> None:
+    """``atomic_write_text`` of ``json.dumps(data, indent=2)``."""
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_dir(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmpdir)`` and move the finished directory to ``path`` (replacing an older one)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.isdir(path):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.rename(path, os.path.join(old, "x"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_predictions(path: str, rows: list[dict]) -> None:
+    """One JSON object per line: index, prediction, label, exact_match, rouge1."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def format_matrix(tasks: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> str:
+    """The accuracy matrix as a plain-text table (row = task, column = after training task t)."""
+    width = max(len(t) for t in tasks) + 2
+    head = " " * width + "".join(f"{'after ' + str(t + 1):>10}" for t in range(len(tasks)))
+    lines = [head]
+    for name, row in zip(tasks, matrix):
+        cells = "".join(f"{'-' if v is None else f'{v:.1f}':>10}" for v in row)
+        lines.append(f"{name:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def plot_accuracy_matrix(path: str, tasks: Sequence[str], matrix: Sequence[Sequence[float | None]],
+                         title: str) -> None:
+    """Save a heat map of the accuracy matrix (values in %, blank where not evaluated) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(tasks)
+    data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 1.8))
+    im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0, vmax=100)
+    for i in range(n):
+        for j in range(n):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center",
+                        color="white" if data[i, j] < 60 else "black", fontsize=10)
+    ax.set_xticks(range(n), [f"{j + 1}: {t}" for j, t in enumerate(tasks)], rotation=30, ha="right")
+    ax.set_yticks(range(n), tasks)
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("evaluated task")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="exact match (%)")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
