@@ -45,6 +45,7 @@ class TaskData:
     test_features: object = None
     truncated_train: int = 0
     truncated_test: int = 0
+    dropped: dict | None = None  # rows without a gold label, per split
 
 
 def peak_rss_bytes() -> int:
@@ -64,24 +65,34 @@ def prepare_data(cfg: TrainConfig) -> list[TaskData]:
     out = []
     for i, name in enumerate(names):
         task = load_task(data_dir, name)
-        train = sample_rows(read_rows(task, "train"), cfg.max_train_samples, cfg.seed + i)
-        test = sample_rows(read_rows(task, "test"), cfg.max_test_samples, cfg.seed + 1000 + i)
-        if not train or not test:
-            raise ConfigError(f"Task '{name}' has no rows left after max_train_samples/max_test_samples.")
-        out.append(TaskData(task=task, train_rows=train, test_rows=test))
+        dropped: dict = {}
+        train = sample_rows(read_rows(task, "train", dropped), cfg.max_train_samples, cfg.seed + i)
+        test = sample_rows(read_rows(task, "test", dropped), cfg.max_test_samples, cfg.seed + 1000 + i)
+        out.append(TaskData(task=task, train_rows=train, test_rows=test, dropped=dropped))
     return out
+
+
+def answer_window(labels: torch.Tensor) -> int:
+    """How many final positions hold every logit the loss needs: longest answer (labelled tokens) + 1.
+
+    Valid for left-padded batches (``collate_train``), where each answer ends at the last position.
+    """
+    return int((labels != -100).sum(dim=1).max()) + 1
 
 
 def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions.
 
     Args:
-        logits: (batch, seq, vocab). labels: (batch, seq), -100 where ignored.
+        logits: (batch, k, vocab), the logits of the last k positions (k <= seq; k = seq for all).
+        labels: (batch, seq), -100 where ignored.
     Returns:
         (sum of CE in nats as a float32 scalar, number of labelled tokens).
     """
+    k = logits.shape[1]
+    seq = labels.shape[1]
     shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, seq - k + 1:]
     mask = shift_labels != -100
     picked = shift_logits[mask].float()
     ce = torch.nn.functional.cross_entropy(picked, shift_labels[mask], reduction="sum")
@@ -170,13 +181,15 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
                 accelerator.gradient_state._set_sync_gradients(last)  # as transformers.Trainer does
                 ctx = contextlib.nullcontext() if last else accelerator.no_sync(model)
                 with ctx:
-                    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    position_ids=batch["position_ids"], use_cache=False,
+                                    logits_to_keep=answer_window(batch["labels"]))
                     ce_sum, _n = token_cross_entropy_sum(outputs.logits, batch["labels"])
                     loss = ce_sum * scale
                     extra, logs = method.extra_loss(model, batch, outputs)
                     if extra is not None:
                         loss = loss + extra * gas / len(window)
-                        step_extra += float(extra) / len(window)
+                        step_extra += float(extra.detach()) / len(window)
                     accelerator.backward(loss)
                 step_ce += float(ce_sum.detach())
                 samples += batch["input_ids"].shape[0] * accelerator.num_processes
@@ -263,9 +276,8 @@ def run(cfg: TrainConfig) -> dict:
         "tasks": names, "method": cfg.method, "model": cfg.model, "finished": False, "completed_tasks": 0,
         "accuracy_matrix": [[None] * n for _ in range(n)], "rouge1_matrix": [[None] * n for _ in range(n)],
         "average_accuracy": None, "backward_transfer": None, "average_rouge1": None,
-        "zero_shot": None, "per_task": [], "truncated_rows": {d.task.name: {"train": d.truncated_train,
-                                                                             "test": d.truncated_test}
-                                                               for d in datas},
+        "zero_shot": None, "per_task": [], "truncated_rows": {d.task.name: {"train": d.truncated_train, "test": d.truncated_test} for d in datas},
+        "dropped_rows_without_gold_label": {d.task.name: d.dropped for d in datas if any(d.dropped.values())},
         "config": cfg.to_dict(),
     }
     global_step = 0

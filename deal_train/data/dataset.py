@@ -22,8 +22,15 @@ from .tasks import Task
 IGNORE_INDEX = -100
 
 
-def read_rows(task: Task, split: str) -> list[dict]:
+NO_GOLD_LABEL = "-"
+"""GLUE/SNLI's marker for a row without a gold label (annotators disagreed); 125 of the 500 MNLI test
+rows of CL_Benchmark carry it. Such rows cannot be scored, so they are dropped (and counted)."""
+
+
+def read_rows(task: Task, split: str, dropped: dict | None = None) -> list[dict]:
     """All rows of ``<task dir>/<split>.json`` as ``{"sentence": str, "label": str}`` dicts, validated.
+
+    Rows labelled ``"-"`` (no gold label) are dropped; their count goes to ``dropped[split]`` if given.
 
     Raises:
         ConfigError: the file is missing, is not a JSON list, or a row lacks a non-empty sentence or has a
@@ -40,8 +47,15 @@ def read_rows(task: Task, split: str) -> list[dict]:
     if not isinstance(rows, list):
         raise ConfigError(f"Task '{task.name}': {path} must be a JSON list of {{\"label\", \"sentence\"}} rows.")
     labels = set(task.labels)
+    skip = set()
+    if NO_GOLD_LABEL not in labels:
+        skip = {i for i, r in enumerate(rows) if isinstance(r, dict) and r.get("label") == NO_GOLD_LABEL}
+    if dropped is not None:
+        dropped[split] = len(skip)
     bad = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows):  # i is the row's index in the file, as reported
+        if i in skip:
+            continue
         if not isinstance(row, dict):
             bad.append(f"row {i}: not an object")
         elif not isinstance(row.get("sentence"), str) or not row["sentence"].strip():
@@ -53,9 +67,10 @@ def read_rows(task: Task, split: str) -> list[dict]:
     if bad:
         raise ConfigError(f"Task '{task.name}': bad rows in {path}: " + "; ".join(bad) +
                           ". Fix the file or the task's labels.json.")
-    if not rows:
-        raise ConfigError(f"Task '{task.name}': {path} has no rows.")
-    return [{"sentence": r["sentence"], "label": r["label"]} for r in rows]
+    kept = [{"sentence": r["sentence"], "label": r["label"]} for i, r in enumerate(rows) if i not in skip]
+    if not kept:
+        raise ConfigError(f"Task '{task.name}': {path} has no usable rows.")
+    return kept
 
 
 def sample_rows(rows: list[dict], max_samples: int, seed: int) -> list[dict]:
@@ -142,11 +157,14 @@ class Encoder:
 
 
 def collate_train(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of training features.
+    """Left-pad a list of training features, so every row's answer ends at the last position.
+
+    Left padding lets the loop ask the model for logits of the last ``max answer length + 1`` positions
+    only (``logits_to_keep``) instead of a (batch × seq × vocab) tensor for the whole prompt.
 
     Returns:
-        ``input_ids`` and ``attention_mask`` (batch × max_len, int64) and ``labels`` (batch × max_len,
-        -100 on prompt and padding positions).
+        ``input_ids``, ``attention_mask`` and ``position_ids`` (batch × max_len, int64; positions count real
+        tokens from 0) and ``labels`` (batch × max_len, -100 on prompt and padding positions).
     """
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
@@ -154,10 +172,11 @@ def collate_train(features: list[dict], pad_token_id: int) -> dict[str, torch.Te
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
     for i, f in enumerate(features):
         n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(f["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids[i, width - n:] = torch.tensor(f["input_ids"])
+        mask[i, width - n:] = 1
+        labels[i, width - n:] = torch.tensor(f["labels"])
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
 def collate_eval(features: list[dict], pad_token_id: int) -> dict:
