@@ -101,6 +101,13 @@ def run_cli(main: Callable[[TrainConfig], Any], argv: Sequence[str] | None = Non
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from .loop import TrainingError
+
+        if args.debug or not isinstance(err, TrainingError):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("Interrupted. Finished tasks are saved in the output directory; rerun the same command to resume.",
               file=sys.stderr)
@@ -108,8 +115,21 @@ def run_cli(main: Callable[[TrainConfig], Any], argv: Sequence[str] | None = Non
     return 0
 
 
+def quiet_libraries() -> None:
+    """Keep library noise (weight-loading progress bars, deprecation warnings of dependencies) off the console."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m deal_train`` / ``accelerate launch -m deal_train``."""
+    quiet_libraries()
     from .loop import run
 
     return run_cli(run, argv)

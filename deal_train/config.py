@@ -64,6 +64,8 @@ class TrainConfig:
     mixed_precision: str = _f("", "Override Accelerate's mixed precision (no, fp16, bf16); empty keeps the "
                                   "accelerate config's value.")
     logging_steps: int = _f(1, "Log train/loss etc. to TensorBoard every N optimizer steps.")
+    max_nonfinite_steps: int = _f(5, "Stop after this many consecutive optimizer steps with a NaN/inf loss or "
+                                     "gradient (each such step is skipped and counted).")
 
     # --- data --------------------------------------------------------------------------------
     max_train_samples: int = _f(1000, "Training rows per task (at most; 0 = all).")
@@ -166,7 +168,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"Config key '{name}' = {getattr(cfg, name)!r} is not one of {list(choices)}.")
     positive = ["lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                 "max_source_length", "max_target_length", "max_new_tokens", "per_device_eval_batch_size",
-                "deal_scales", "deal_mlp_hidden", "logging_steps"]
+                "deal_scales", "deal_mlp_hidden", "logging_steps", "max_nonfinite_steps"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")

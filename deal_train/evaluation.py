@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from rouge_score import rouge_scorer
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .data import collate_eval
 
@@ -60,7 +61,7 @@ def backward_transfer(matrix: Sequence[Sequence[float | None]]) -> float | None:
 
 @torch.no_grad()
 def generate_predictions(model, tokenizer, features, batch_size: int, max_new_tokens: int,
-                         accelerator=None) -> list[dict]:
+                         accelerator=None, desc: str | None = None) -> list[dict]:
     """Greedy generation for a tokenised evaluation set (left padding; only the new tokens are decoded).
 
     Args:
@@ -68,6 +69,7 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
         batch_size: prompts per ``generate`` call.
         max_new_tokens: generation stops at EOS or after this many tokens.
         accelerator: when given (several processes), each process generates a shard and the results are gathered.
+        desc: label of a progress bar (none when None or on processes other than the main one).
     Returns:
         One dict per row in row order: ``index``, ``prediction`` (str), ``label`` (str).
     """
@@ -83,7 +85,8 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
         shard = features.select(indices)
         loader = DataLoader(shard, batch_size=batch_size, shuffle=False,
                             collate_fn=lambda b: collate_eval(b, tokenizer.pad_token_id))
-    for batch in loader:
+    show = desc is not None and (accelerator is None or accelerator.is_local_main_process)
+    for batch in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,

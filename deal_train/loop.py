@@ -34,6 +34,10 @@ from .outputs import (atomic_write_dir, atomic_write_json, format_matrix, plot_a
 METRICS_FILE = "metrics.json"
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the CLI prints the message and exits with code 1."""
+
+
 @dataclass
 class TaskData:
     """One task's rows and tokenised features."""
@@ -161,6 +165,7 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     samples = 0
     losses = []
     params = [p for g in groups for p in g["params"]]
+    nonfinite = skipped = 0
     for _epoch in range(cfg.num_train_epochs):
         it = iter(loader)
         while True:
@@ -193,12 +198,27 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
                     accelerator.backward(loss)
                 step_ce += float(ce_sum.detach())
                 samples += batch["input_ids"].shape[0] * accelerator.num_processes
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            # gradients are synchronised here, so every process takes the same skip decision
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            ce_mean = step_ce * accelerator.num_processes / max(window_tokens, 1)
+            if not (math.isfinite(float(grad_norm)) and math.isfinite(ce_mean) and math.isfinite(step_extra)):
+                optimizer.zero_grad(set_to_none=True)
+                bar.update(1)
+                nonfinite += 1
+                skipped += 1
+                accelerator.print(f"task {task_index + 1} {name}: non-finite loss or gradient "
+                                  f"(loss {ce_mean}, grad norm {float(grad_norm)}); step skipped "
+                                  f"({nonfinite} in a row)")
+                if nonfinite >= cfg.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"Task '{name}': {nonfinite} consecutive optimizer steps had a NaN/inf loss or gradient. "
+                        f"Lower learning_rate (or deal_learning_rate), check the data, or use fp32. Tasks finished "
+                        f"before this one are saved in {cfg.output_dir}.")
+                continue
+            nonfinite = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
-            ce_mean = step_ce * accelerator.num_processes / max(window_tokens, 1)
             losses.append(ce_mean)
             elapsed = time.perf_counter() - start
             bar.update(1)
@@ -219,7 +239,7 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
              "samples_per_second": samples / seconds if seconds > 0 else 0.0,
              "final_loss": losses[-1] if losses else None,
              "mean_loss": sum(losses) / len(losses) if losses else None,
-             "trainable_parameters": n_trainable}
+             "trainable_parameters": n_trainable, "skipped_nonfinite_steps": skipped}
     return global_step, stats
 
 
@@ -231,7 +251,7 @@ def evaluate_seen(accelerator, model, method, tokenizer, datas: list[TaskData], 
         d = datas[i]
         with method.eval_adapter(model, i):
             preds = generate_predictions(model, tokenizer, d.test_features, cfg.per_device_eval_batch_size,
-                                         cfg.max_new_tokens, accelerator)
+                                         cfg.max_new_tokens, accelerator, desc=f"eval {d.task.name}")
         scores = score(preds)
         if pred_dir and accelerator.is_main_process:
             write_predictions(os.path.join(pred_dir, f"{i + 1}-{d.task.name}.jsonl"), preds)

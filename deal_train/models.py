@@ -86,16 +86,27 @@ def _smollm2_local_dir() -> str:
     return target
 
 
+def resolve_model_path(name: str) -> str:
+    """The directory or Hub id to load for ``name`` (aliases resolved to the local SmolLM2 copy).
+
+    Raises:
+        ConfigError: ``name`` looks like a local path (absolute, ``./``, ``~`` or nested) that does not exist.
+    """
+    if name in (SMOLLM2_ALIAS, TINY_LLAMA_ALIAS):
+        return _smollm2_local_dir()
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ConfigError(f"Model path not found: {name}. Give an existing directory, a Hugging Face id, or an "
+                          f"alias ({SMOLLM2_ALIAS}, {TINY_LLAMA_ALIAS}).")
+    return name
+
+
 def load_tokenizer(name: str):
     """The tokenizer for a model id, local directory or alias; pad token set (to EOS if missing).
 
     Raises:
         ConfigError: a local path that does not exist, or an id that cannot be loaded offline.
     """
-    if name in (SMOLLM2_ALIAS, TINY_LLAMA_ALIAS):
-        path = _smollm2_local_dir()
-    else:
-        path = name
+    path = resolve_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -127,10 +138,7 @@ def load_model(name: str, tokenizer, dtype: torch.dtype = torch.float32) -> PreT
             torch.manual_seed(0)  # the same "pretrained" tiny model in every run
             model = LlamaForCausalLM(tiny_llama_config(tokenizer))
         return model.to(dtype).eval()
-    path = _smollm2_local_dir() if name == SMOLLM2_ALIAS else name
-    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise ConfigError(f"Model path not found: {path}. Give an existing directory, a Hugging Face id, or an "
-                          f"alias ({SMOLLM2_ALIAS}, {TINY_LLAMA_ALIAS}).")
+    path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:

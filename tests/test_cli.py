@@ -49,3 +49,9 @@ def test_unknown_yaml_key(tmp_path, capsys):
     cfg_file.write_text("lora_rnak: 4\n")
     assert run_cli(lambda cfg: None, ["--config", str(cfg_file)]) == 2
     assert "unknown key(s) lora_rnak" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(path):
+    cfg = config_from_args(build_parser().parse_args(["--config", str(path)]))
+    assert cfg.method in ("deal", "seq_lora") and cfg.output_dir.startswith("outputs/")

@@ -19,7 +19,7 @@ STOCK_SCRIPT = textwrap.dedent("""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    pkg, gguf, adapter, prompts_file, out_file = sys.argv[1:]
+    pkg, gguf, adapter, prompts_file, out_file, max_new_tokens = sys.argv[1:]
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
     base = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter).eval()
@@ -28,8 +28,8 @@ STOCK_SCRIPT = textwrap.dedent("""
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(sys.argv[6]) if len(sys.argv) > 6
-                             else 5, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=int(max_new_tokens), do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     texts = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
     json.dump([t.strip() for t in texts], open(out_file, "w"))
 """)
