@@ -7,17 +7,19 @@ where theta are the LoRA matrices, theta* their values after the previous task, 
 information summed over all earlier tasks (one anchor and a running Fisher sum: the "online EWC" form of
 Schwarz et al. 2018 with decay 1, which needs one copy of theta* instead of one per task).
 
-Fisher of a finished task: the empirical Fisher from mini-batch gradients, as the LLM continual-learning
-code bases do, ``F_j = mean_b (d CE_b / d theta_j)^2`` over the first ``ewc_fisher_batches`` micro batches of
+Fisher of a finished task: the empirical Fisher from mini-batch gradients (one backward pass per batch; the
+per-example Fisher would need one per row), ``F_j = mean_b (d CE_b / d theta_j)^2`` over the first ``ewc_fisher_batches`` micro batches of
 the task's own training rows, CE_b the mean answer-token cross-entropy of batch b (nats per token), taken in
 eval mode (no dropout) at theta*. Units: nats² per parameter unit². Batch gradients average out part of the
 per-example noise, so this is smaller than the per-example Fisher (by up to the batch size).
 
-Default ``ewc_lambda = 1000``: the batch-gradient Fisher of LoRA matrices is small (entries around 1e-6 to
-1e-4 on the tiny test model after one task), and a task moves each LoRA entry by about 1e-2 at the default
-learning rate, so sum F (theta - theta*)^2 is of order 1e-4 to 1e-3 after a task; lambda = 1e3 makes the
-penalty a sizeable fraction of the answer-token CE (order 0.1 to 1 nats) by the end of a task without
-freezing the adapter at its first steps.
+Default ``ewc_lambda = 1000``. Measured on the tiny test model (rank 8, lr 3e-4, batch 8, 12 steps per task):
+the Fisher after one task sums to about 0.5 over its 3,584 LoRA entries (median 7e-8, max 8e-3), and 12 steps
+into the next task sum F (theta - theta*)^2 is about 3e-6. Under Adam the drift grows about linearly with the
+steps, so the penalty grows about quadratically; extrapolated to the 125 steps of a 1,000-row task, lambda = 1e3
+gives about 0.3 nats, the size of a learned task's answer cross-entropy (0.1 to 1 nats): a real brake that does
+not pin the adapter from the first steps. Other models and budgets scale the Fisher differently; watch
+``ewc/penalty`` in TensorBoard and tune.
 
 State for resume (``state_dict``): ``fisher/<param name>`` and ``anchor/<param name>`` (float32).
 """
