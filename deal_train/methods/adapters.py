@@ -74,3 +74,16 @@ def save_named_adapter(model: PeftModel, adapter: str, path: str) -> None:
                 os.replace(os.path.join(src, name), os.path.join(path, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_named_adapter(model: PeftModel, path: str, adapter: str) -> None:
+    """Load the plain PEFT adapter saved in ``path`` into ``adapter`` with ``PeftModel.load_adapter`` (a new
+    adapter comes in inactive and frozen; an existing one keeps its flags). Leaves the model in eval mode.
+
+    Raises:
+        RuntimeError: the saved adapter lacks weights of ``adapter`` or has weights the model lacks.
+    """
+    result = model.load_adapter(path, adapter_name=adapter)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"Adapter {path} does not fit adapter '{adapter}': missing {result.missing_keys[:3]}, "
+                           f"unexpected {result.unexpected_keys[:3]}.")

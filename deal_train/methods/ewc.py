@@ -8,10 +8,11 @@ information summed over all earlier tasks (one anchor and a running Fisher sum: 
 Schwarz et al. 2018 with decay 1, which needs one copy of theta* instead of one per task).
 
 Fisher of a finished task: the empirical Fisher from mini-batch gradients (one backward pass per batch; the
-per-example Fisher would need one per row), ``F_j = mean_b (d CE_b / d theta_j)^2`` over the first ``ewc_fisher_batches`` micro batches of
-the task's own training rows, CE_b the mean answer-token cross-entropy of batch b (nats per token), taken in
-eval mode (no dropout) at theta*. Units: nats² per parameter unit². Batch gradients average out part of the
-per-example noise, so this is smaller than the per-example Fisher (by up to the batch size).
+per-example Fisher would need one per row), ``F_j = mean_b (d CE_b / d theta_j)^2`` over the first
+``ewc_fisher_batches`` micro batches of the task's own training rows, CE_b the mean answer-token cross-entropy
+of batch b (nats per token), taken in eval mode (no dropout) at theta*. Units: nats² per parameter unit².
+Batch gradients average out part of the per-example noise, so this is smaller than the per-example Fisher (by
+up to the batch size).
 
 Default ``ewc_lambda = 1000``. Measured on the tiny test model (rank 8, lr 3e-4, batch 8, 12 steps per task):
 the Fisher after one task sums to about 0.5 over its 3,584 LoRA entries (median 7e-8, max 8e-3), and 12 steps

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, get_peft_model
 
-from .adapters import activate, adapter_parameters, kept_adapter_state, lora_layers, save_named_adapter, task_adapter
+from .adapters import (activate, adapter_parameters, kept_adapter_state, load_named_adapter, lora_layers,
+                       save_named_adapter, task_adapter)
 from .base import ContinualMethod
 
 CAT_ADAPTER = "o_lora_cat"
@@ -53,7 +54,7 @@ class OLoRA(ContinualMethod):
         """Add adapter ``task_<t>`` (t > 0), activate all adapters, and leave only the new one trainable.
 
         Raises:
-            RuntimeError: the model does not hold exactly the adapters of tasks 0..t-1 (plus ``task_<t>`` at t = 0).
+            RuntimeError: after adding ``task_<t>`` the model does not hold exactly ``task_0 .. task_<t>``.
         """
         super().before_task(model, task_index, train_rows)
         new = task_adapter(task_index)
@@ -115,7 +116,7 @@ class OLoRA(ContinualMethod):
         k = len(paths)
         r = self.cfg.lora_rank
         names = [task_adapter(i) for i in range(k)]
-        model.load_adapter(paths[-1], adapter_name=CAT_ADAPTER)  # inactive, frozen (is_trainable=False)
+        load_named_adapter(model, paths[-1], CAT_ADAPTER)  # inactive and frozen
         try:
             if model.peft_config[CAT_ADAPTER].r != k * r:
                 raise ValueError(f"{paths[-1]} has rank {model.peft_config[CAT_ADAPTER].r}, expected {k} tasks × "

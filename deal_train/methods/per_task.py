@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from peft import PeftModel, get_peft_model
 
-from .adapters import activate, kept_adapter_state, save_named_adapter, task_adapter
+from .adapters import activate, kept_adapter_state, load_named_adapter, save_named_adapter, task_adapter
 from .base import ContinualMethod
 
 
@@ -43,7 +43,7 @@ class PerTaskFT(ContinualMethod):
         """Load the adapter saved after task i into ``task_<i>`` for i = 0..k-1 (PEFT ``load_adapter``; new
         adapters come in frozen) and leave ``task_<k-1>`` active, every adapter frozen."""
         for i, path in enumerate(paths):
-            model.load_adapter(path, adapter_name=task_adapter(i))
+            load_named_adapter(model, path, task_adapter(i))
         activate(model, [task_adapter(len(paths) - 1)])
         model.set_requires_grad([task_adapter(i) for i in range(len(paths))], requires_grad=False)
 
