@@ -34,7 +34,9 @@ class TrainConfig:
     """All settings of one continual fine-tuning run (see ``--help`` for each key)."""
 
     # --- what to run -------------------------------------------------------------------------
-    method: str = _f("deal", "Continual-learning method.", ("deal", "seq_lora"))
+    method: str = _f("deal", "Continual-learning method: deal (DESIGN.md section 3) or a baseline of section 4: "
+                             "seq_lora, o_lora, per_task (oracle: adapter i evaluates task i), replay, ewc, lwf.",
+                     ("deal", "seq_lora", "o_lora", "per_task", "replay", "ewc", "lwf"))
     benchmark: str = _f("standard", "Task sequence: tc (3 tasks), standard (4 tasks, orders 1-3), long (15 tasks).",
                         ("tc", "standard", "long"))
     order: int = _f(1, "Task order of the standard benchmark (1, 2 or 3).", (1, 2, 3))
@@ -92,6 +94,19 @@ class TrainConfig:
                             ("norm", "power"))
     deal_lambda_drift: float = _f(0.0, "Drift penalty sum ||O - Y||_F^2 / ||Y||_F^2 over factors (ours, not the "
                                        "paper's; see DESIGN.md section 7).")
+
+    # --- baselines (DESIGN.md section 4) ------------------------------------------------------
+    o_lora_lambda_orth: float = _f(0.5, "O-LoRA lambda_orth: weight of sum_i sum_layers sum |A_i A_t^T| (elementwise "
+                                        "absolute values) between each earlier adapter's A_i and the new one's A_t.")
+    o_lora_lambda_l2: float = _f(0.0, "O-LoRA lambda_l2: weight of the sum of the Frobenius norms of the new "
+                                      "adapter's LoRA matrices (the O-LoRA reference code's L2 term).")
+    replay_samples_per_task: int = _f(20, "Replay: training rows kept from each earlier task (seeded random choice) "
+                                          "and mixed into every later task's training data.")
+    ewc_lambda: float = _f(1000.0, "EWC: weight of sum F (theta - theta*)^2, F the diagonal Fisher of the LoRA "
+                                   "parameters summed over earlier tasks, theta* their values after the last task.")
+    ewc_fisher_batches: int = _f(8, "EWC: training micro batches of a finished task used to estimate its Fisher.")
+    lwf_temperature: float = _f(2.0, "LwF: softmax temperature of the distillation from the model before the task.")
+    lwf_weight: float = _f(1.0, "LwF: weight of the distillation KL on the answer tokens.")
 
     def resolved_data_dir(self) -> str:
         """The CL_Benchmark directory to read: ``data_dir``, else ``$DEAL_TRAIN_DATA_DIR``, else ``../shared/cl_benchmark``."""
@@ -168,15 +183,16 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"Config key '{name}' = {getattr(cfg, name)!r} is not one of {list(choices)}.")
     positive = ["lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                 "max_source_length", "max_target_length", "max_new_tokens", "per_device_eval_batch_size",
-                "deal_scales", "deal_mlp_hidden", "logging_steps", "max_nonfinite_steps"]
+                "deal_scales", "deal_mlp_hidden", "logging_steps", "max_nonfinite_steps", "ewc_fisher_batches"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
-    for name in ["learning_rate", "deal_learning_rate"]:
+    for name in ["learning_rate", "deal_learning_rate", "lwf_temperature"]:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
     for name in ["max_train_samples", "max_test_samples", "deal_lambda_retention", "deal_lambda_update",
-                 "deal_lambda_drift", "weight_decay", "max_grad_norm", "lora_dropout"]:
+                 "deal_lambda_drift", "weight_decay", "max_grad_norm", "lora_dropout", "o_lora_lambda_orth",
+                 "o_lora_lambda_l2", "replay_samples_per_task", "ewc_lambda", "lwf_weight"]:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"Config key '{name}' must be >= 0, got {getattr(cfg, name)}.")
     if cfg.deal_norm_retention < 1 or cfg.deal_norm_update < 1:

@@ -1,10 +1,10 @@
 """The continual training loop on Accelerate: read it top to bottom.
 
 ``run(cfg)``: validate every task's data, load the model, then for each task
-``method.before_task`` -> AdamW (constant LR) over ``method.param_groups`` -> micro batches with
-gradient accumulation and clipping -> ``method.after_task`` -> save a plain PEFT adapter -> evaluate
-every task seen so far -> write ``metrics.json`` (atomically). A rerun of the same command resumes
-after the last finished task.
+``method.before_task`` -> AdamW (constant LR) over ``method.param_groups`` -> micro batches (the task's rows
+plus ``method.replay_rows``) with gradient accumulation and clipping -> ``method.after_task`` -> save a plain
+PEFT adapter and ``method.state_dict`` -> evaluate every task seen so far -> write ``metrics.json``
+(atomically). A rerun of the same command resumes after the last finished task.
 """
 
 from __future__ import annotations
@@ -15,23 +15,30 @@ import math
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from datasets import concatenate_datasets
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig
 from .data import Encoder, collate_train, load_task, read_rows, sample_rows, task_sequence
 from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
+from .losses import answer_forward, token_cross_entropy_sum
 from .methods import ContinualMethod, get_method
 from .models import check_target_modules, load_model, load_tokenizer
 from .outputs import (atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
                       write_predictions)
 
 METRICS_FILE = "metrics.json"
+METHOD_STATE_FILE = "method_state.safetensors"
+"""``method.state_dict()`` after a task, written inside that task's adapter directory (when not empty)."""
+RESUME_IGNORED_KEYS = frozenset({"output_dir", "overwrite_output_dir", "logging_steps", "per_device_eval_batch_size"})
+"""Config keys that may differ between a partial run and the command that resumes it."""
 
 
 class TrainingError(RuntimeError):
@@ -50,6 +57,7 @@ class TaskData:
     truncated_train: int = 0
     truncated_test: int = 0
     dropped: dict | None = None  # rows without a gold label, per split
+    replay_features: list = field(default_factory=list)  # tokenised rows of earlier tasks trained with this one
 
 
 def peak_rss_bytes() -> int:
@@ -76,31 +84,14 @@ def prepare_data(cfg: TrainConfig) -> list[TaskData]:
     return out
 
 
-def answer_window(labels: torch.Tensor) -> int:
-    """How many final positions hold every logit the loss needs: longest answer (labelled tokens) + 1.
-
-    Valid for left-padded batches (``collate_train``), where each answer ends at the last position.
-    """
-    return int((labels != -100).sum(dim=1).max()) + 1
-
-
-def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled positions.
-
-    Args:
-        logits: (batch, k, vocab), the logits of the last k positions (k <= seq; k = seq for all).
-        labels: (batch, seq), -100 where ignored.
-    Returns:
-        (sum of CE in nats as a float32 scalar, number of labelled tokens).
-    """
-    k = logits.shape[1]
-    seq = labels.shape[1]
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, seq - k + 1:]
-    mask = shift_labels != -100
-    picked = shift_logits[mask].float()
-    ce = torch.nn.functional.cross_entropy(picked, shift_labels[mask], reduction="sum")
-    return ce, int(mask.sum())
+def tokenise(datas: list[TaskData], encoder: Encoder, method: ContinualMethod) -> None:
+    """Tokenise every task's rows in place, and the rows of earlier tasks that ``method.replay_rows`` mixes into
+    each task, each with its own task's prompt."""
+    for t, d in enumerate(datas):
+        d.train_features, d.truncated_train = encoder.train_features(d.task, d.train_rows)
+        d.test_features, d.truncated_test = encoder.eval_features(d.task, d.test_rows)
+        extra = method.replay_rows(t, [(x.task, x.train_rows) for x in datas[:t]])
+        d.replay_features = [encoder.train_features(task, rows)[0] for task, rows in extra if rows]
 
 
 def _flat_config(cfg: TrainConfig) -> dict:
@@ -125,9 +116,8 @@ def _check_output_dir(cfg: TrainConfig) -> dict | None:
     if old.get("finished"):
         raise ConfigError(f"Output directory {cfg.output_dir} already holds a finished run. Choose another "
                           f"output_dir or pass --overwrite_output_dir true.")
-    ignore = {"output_dir", "overwrite_output_dir", "logging_steps", "per_device_eval_batch_size"}
-    old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in ignore}
-    new_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in RESUME_IGNORED_KEYS}
+    new_cfg = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_IGNORED_KEYS}
     if old_cfg != new_cfg:
         diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
         raise ConfigError(f"Output directory {cfg.output_dir} holds a partial run with a different config "
@@ -150,7 +140,9 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     n_trainable = sum(p.numel() for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed + task_index)
-    loader = DataLoader(data.train_features, batch_size=cfg.per_device_train_batch_size, shuffle=True,
+    train_set = concatenate_datasets([data.train_features, *data.replay_features]) if data.replay_features \
+        else data.train_features
+    loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
                         generator=generator, collate_fn=lambda b: collate_train(b, pad_token_id))
     accelerator.free_memory()
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -186,9 +178,7 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
                 accelerator.gradient_state._set_sync_gradients(last)  # as transformers.Trainer does
                 ctx = contextlib.nullcontext() if last else accelerator.no_sync(model)
                 with ctx:
-                    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    position_ids=batch["position_ids"], use_cache=False,
-                                    logits_to_keep=answer_window(batch["labels"]))
+                    outputs = answer_forward(model, batch)
                     ce_sum, _n = token_cross_entropy_sum(outputs.logits, batch["labels"])
                     loss = ce_sum * scale
                     extra, logs = method.extra_loss(model, batch, outputs)
@@ -232,7 +222,9 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     accelerator.gradient_state._set_sync_gradients(True)
     model = accelerator.unwrap_model(model)
     model.eval()
-    method.after_task(model, task_index)
+    own_batches = DataLoader(data.train_features, batch_size=cfg.per_device_train_batch_size, shuffle=False,
+                             collate_fn=lambda b: collate_train(b, pad_token_id))
+    method.after_task(model, task_index, own_batches)
     seconds = time.perf_counter() - start
     accelerator.free_memory()
     stats = {"train_seconds": seconds, "optimizer_steps": total_steps, "train_samples": samples,
@@ -243,13 +235,16 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     return global_step, stats
 
 
-def evaluate_seen(accelerator, model, method, tokenizer, datas: list[TaskData], upto: int, cfg: TrainConfig,
-                  pred_dir: str | None) -> list[dict]:
-    """Evaluate tasks 0..upto; returns one score dict per task and writes predictions under ``pred_dir``."""
+def evaluate_seen(accelerator, model, method: ContinualMethod | None, tokenizer, datas: list[TaskData], upto: int,
+                  cfg: TrainConfig, pred_dir: str | None) -> list[dict]:
+    """Evaluate tasks 0..upto; returns one score dict per task and writes predictions under ``pred_dir``.
+
+    ``method`` picks the adapter per task (``eval_adapter``); None evaluates the model as it stands.
+    """
     results = []
     for i in range(upto + 1):
         d = datas[i]
-        with method.eval_adapter(model, i):
+        with method.eval_adapter(model, i) if method is not None else contextlib.nullcontext():
             preds = generate_predictions(model, tokenizer, d.test_features, cfg.per_device_eval_batch_size,
                                          cfg.max_new_tokens, accelerator, desc=f"eval {d.task.name}")
         scores = score(preds)
@@ -259,11 +254,20 @@ def evaluate_seen(accelerator, model, method, tokenizer, datas: list[TaskData], 
     return results
 
 
+def save_task_outputs(method: ContinualMethod, model, path: str) -> None:
+    """The method's adapter and, when it has any, its state (``METHOD_STATE_FILE``) into directory ``path``."""
+    method.save_adapter(model, path)
+    state = method.state_dict()
+    if state:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, METHOD_STATE_FILE))
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train the configured method on the task sequence; returns the final metrics dict.
 
     Outputs under ``cfg.output_dir``: ``metrics.json``, ``accuracy_matrix.png``, ``predictions/``,
-    ``adapters/<k>-<task>/`` (plain PEFT LoRA), ``tensorboard/``.
+    ``adapters/<k>-<task>/`` (plain PEFT LoRA, plus ``METHOD_STATE_FILE`` for methods with state),
+    ``tensorboard/``.
 
     Raises:
         ConfigError: any invalid input, before training starts.
@@ -283,12 +287,10 @@ def run(cfg: TrainConfig) -> dict:
     check_target_modules(base, cfg.target_modules)
     chat = cfg.chat_template and getattr(tokenizer, "chat_template", None) is not None
     encoder = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, chat)
-    for d in datas:
-        d.train_features, d.truncated_train = encoder.train_features(d.task, d.train_rows)
-        d.test_features, d.truncated_test = encoder.eval_features(d.task, d.test_rows)
+    method = get_method(cfg)
+    tokenise(datas, encoder, method)
     names = [d.task.name for d in datas]
     n = len(datas)
-    method = get_method(cfg)
     model = method.wrap(base)
     model.to(accelerator.device)
     accelerator.init_trackers("deal_train", config=_flat_config(cfg))
@@ -304,11 +306,14 @@ def run(cfg: TrainConfig) -> dict:
     start_task = 0
     if resume is not None and resume.get("completed_tasks", 0) > 0:
         k = resume["completed_tasks"]
-        adapter = os.path.join(out, "adapters", f"{k}-{names[k - 1]}")
-        if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
-            raise ConfigError(f"Cannot resume: {adapter} is missing although metrics.json says {k} task(s) are done. "
-                              f"Pass --overwrite_output_dir true to start over.")
-        method.load_adapter_weights(model, adapter)
+        adapters = [os.path.join(out, "adapters", f"{i + 1}-{names[i]}") for i in range(k)]
+        for adapter in adapters:
+            if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+                raise ConfigError(f"Cannot resume: {adapter} is missing although metrics.json says {k} task(s) are "
+                                  f"done. Pass --overwrite_output_dir true to start over.")
+        method.load_adapter_weights(model, adapters)
+        state_file = os.path.join(adapters[-1], METHOD_STATE_FILE)
+        method.load_state_dict(load_file(state_file) if os.path.isfile(state_file) else {})
         method.task_index = k - 1
         metrics.update({key: resume[key] for key in ("accuracy_matrix", "rouge1_matrix", "zero_shot", "per_task")})
         metrics["completed_tasks"] = k
@@ -317,7 +322,7 @@ def run(cfg: TrainConfig) -> dict:
         accelerator.print(f"Resuming {out}: {k} of {n} tasks already done.")
     elif cfg.eval_zero_shot:
         with model.disable_adapter():
-            zs = evaluate_seen(accelerator, model, method, tokenizer, datas, n - 1, cfg,
+            zs = evaluate_seen(accelerator, model, None, tokenizer, datas, n - 1, cfg,
                                os.path.join(out, "predictions", "zero_shot"))
         metrics["zero_shot"] = {name: s["exact_match"] for name, s in zip(names, zs)}
         accelerator.print("zero-shot exact match: " + ", ".join(f"{k} {v:.1f}" for k, v in
@@ -330,7 +335,7 @@ def run(cfg: TrainConfig) -> dict:
         global_step, stats = train_task(accelerator, model, method, d, cfg, t, global_step, tokenizer.pad_token_id)
         if accelerator.is_main_process:
             atomic_write_dir(os.path.join(out, "adapters", f"{t + 1}-{d.task.name}"),
-                             lambda tmp: method.save_adapter(model, tmp))
+                             lambda tmp: save_task_outputs(method, model, tmp))
         eval_start = time.perf_counter()
         results = evaluate_seen(accelerator, model, method, tokenizer, datas, t, cfg,
                                 os.path.join(out, "predictions", f"after_{t + 1}-{d.task.name}"))

@@ -104,3 +104,30 @@ def plot_accuracy_matrix(path: str, tasks: Sequence[str], matrix: Sequence[Seque
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def plot_average_accuracy(path: str, tasks: Sequence[str], curves: dict[str, Sequence[float]], title: str) -> None:
+    """Save a line plot (PNG) of each method's average accuracy over the tasks seen so far (in %), after
+    each task; ``curves`` maps a method name to one value per task in training order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(tasks)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * n + 3.0), 4.0))
+    for name, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set_xticks(range(1, n + 1), [f"{j + 1}: {t}" for j, t in enumerate(tasks)], rotation=30, ha="right")
+    ax.set_xlim(0.7, n + 0.3)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("average accuracy of tasks seen (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

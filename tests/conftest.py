@@ -39,3 +39,65 @@ def tiny_model(tokenizer):
     from deal_train.models import load_model
 
     return load_model("tiny-random-llama", tokenizer)
+
+
+TINY_METHOD = dict(model="tiny-random-llama", tasks=["dbpedia", "amazon"], max_train_samples=8, max_test_samples=2,
+                   per_device_train_batch_size=4, max_source_length=128, learning_rate=5e-3, deal_learning_rate=5e-3,
+                   lora_rank=4, deal_mlp_hidden=8, replay_samples_per_task=3, ewc_fisher_batches=2,
+                   output_dir="unused")
+
+
+@pytest.fixture()
+def tiny_method(tokenizer, data_dir):
+    """``tiny_method(name, **overrides)`` -> (cfg, tokenised task data, method, wrapped tiny model), built as
+    ``loop.run`` builds them: dbpedia then amazon, 8 training rows each, LoRA rank 4 (alpha 32)."""
+    from deal_train.config import TrainConfig
+    from deal_train.data import Encoder
+    from deal_train.loop import prepare_data, tokenise
+    from deal_train.methods import get_method
+    from deal_train.models import load_model
+
+    def make(name: str, **overrides):
+        cfg = TrainConfig(method=name, **{**TINY_METHOD, **overrides})
+        datas = prepare_data(cfg)
+        method = get_method(cfg)
+        tokenise(datas, Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, True), method)
+        return cfg, datas, method, method.wrap(load_model(cfg.model, tokenizer))
+
+    return make
+
+
+TINY_RUN = dict(model="tiny-random-llama", tasks=["dbpedia", "amazon"], max_train_samples=8, max_test_samples=4,
+                per_device_train_batch_size=4, max_source_length=128, max_new_tokens=3, per_device_eval_batch_size=4,
+                learning_rate=5e-3, lora_rank=4, replay_samples_per_task=3, ewc_fisher_batches=2)
+"""The settings of the shared two-task runs (``finished_run``)."""
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """``finished_run(method)`` -> (cfg, metrics, trained_batches): one two-task run per method per session, with
+    the token ids of every training row collated (in order), recorded by wrapping ``loop.collate_train``."""
+    from deal_train import loop
+    from deal_train.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("runs")
+    cache = {}
+
+    def get(method: str):
+        if method not in cache:
+            cfg = TrainConfig(method=method, output_dir=str(root / method), **TINY_RUN)
+            trained: list[list[int]] = []
+            collate = loop.collate_train
+
+            def recording_collate(features, pad_token_id):
+                trained.extend(list(f["input_ids"]) for f in features)
+                return collate(features, pad_token_id)
+
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(loop, "collate_train", recording_collate)
+                metrics = loop.run(cfg)
+            cache[method] = (cfg, metrics, trained)
+        return cache[method]
+
+    get.root = root
+    return get

@@ -111,7 +111,7 @@ def test_kept_logits_give_the_full_loss(tokenizer, tiny_model, data_dir):
     """The loss from the last k positions' logits equals the loss from all logits (left padding)."""
     import torch
 
-    from deal_train.loop import answer_window, token_cross_entropy_sum
+    from deal_train.losses import answer_window, token_cross_entropy_sum
 
     task = load_task(data_dir, "yahoo")
     rows = read_rows(task, "train")[:5]

@@ -5,9 +5,15 @@ from __future__ import annotations
 from ..config import ConfigError, TrainConfig
 from .base import ContinualMethod
 from .deal import DEAL
+from .ewc import EWC
+from .lwf import LwF
+from .o_lora import OLoRA
+from .per_task import PerTaskFT
+from .replay import Replay
 from .seq_lora import SeqLoRA
 
-METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (SeqLoRA, DEAL)}
+METHODS: dict[str, type[ContinualMethod]] = {cls.name: cls for cls in (SeqLoRA, DEAL, OLoRA, PerTaskFT, Replay,
+                                                                        EWC, LwF)}
 
 
 def get_method(cfg: TrainConfig) -> ContinualMethod:
@@ -21,4 +27,5 @@ def get_method(cfg: TrainConfig) -> ContinualMethod:
     return METHODS[cfg.method](cfg)
 
 
-__all__ = ["METHODS", "ContinualMethod", "DEAL", "SeqLoRA", "get_method"]
+__all__ = ["METHODS", "ContinualMethod", "DEAL", "EWC", "LwF", "OLoRA", "PerTaskFT", "Replay", "SeqLoRA",
+           "get_method"]

@@ -4,26 +4,31 @@ Lifecycle for a sequence of T tasks (task_index t = 0 .. T-1)::
 
     model = method.wrap(base_model)                 # once: add the PEFT adapter(s)
     for t, task in enumerate(tasks):
+        extra = method.replay_rows(t, earlier)      # (task, rows) of earlier tasks to mix into task t's data
         method.before_task(model, t, train_rows)    # freeze / add modules / snapshot state
         groups = method.param_groups(model)         # what the optimizer trains, with learning rates
         ... loss = CE(answer tokens) + method.extra_loss(model, batch, outputs) ...
-        method.after_task(model, t)                 # fold, estimate statistics, ...
+        method.after_task(model, t, train_batches)  # fold, estimate statistics, ...
         method.save_adapter(model, dir)             # a plain PEFT adapter after task t
+        method.state_dict()                         # tensors a resumed run needs (saved next to the adapter)
         for i in range(t + 1):
             with method.eval_adapter(model, i): evaluate task i
+
+Resuming after task k: ``wrap`` -> ``load_adapter_weights(model, [dirs of tasks 1..k])`` -> ``load_state_dict``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..config import TrainConfig
+from ..data import Task
 
 
 class ContinualMethod:
@@ -49,6 +54,16 @@ class ContinualMethod:
         return get_peft_model(base_model, self.lora_config())
 
     # --- per task ------------------------------------------------------------------------------
+    def replay_rows(self, task_index: int, earlier: list[tuple[Task, list[dict]]]) -> list[tuple[Task, list[dict]]]:
+        """Rows of earlier tasks to train on together with task ``task_index``'s own rows. Default: none.
+
+        Args:
+            earlier: (task, training rows) of tasks 0 .. task_index-1, in order.
+        Returns:
+            (task, rows) pairs; the loop tokenises each with its own task's prompt.
+        """
+        return []
+
     def before_task(self, model: PeftModel, task_index: int, train_rows: list[dict] | None = None) -> None:
         """Prepare the model for training task ``task_index`` (0-based)."""
         self.task_index = task_index
@@ -62,23 +77,45 @@ class ContinualMethod:
         """A term added to the cross-entropy of each micro batch, and scalars to log. Default: none."""
         return None, {}
 
-    def after_task(self, model: PeftModel, task_index: int) -> None:
-        """Called after the last optimizer step of task ``task_index``."""
+    def after_task(self, model: PeftModel, task_index: int, train_batches: Iterable[dict] | None = None) -> None:
+        """Called after the last optimizer step of task ``task_index``.
+
+        Args:
+            train_batches: the finished task's own training rows (no replay rows) as collated micro batches
+                (``collate_train``; CPU tensors, a fixed order), for methods that estimate statistics on them.
+        """
 
     # --- outputs -------------------------------------------------------------------------------
     def save_adapter(self, model: PeftModel, path: str) -> None:
         """Write a plain PEFT LoRA adapter (safetensors) that stock ``PeftModel.from_pretrained`` loads."""
         model.save_pretrained(path, safe_serialization=True)
 
-    def load_adapter_weights(self, model: PeftModel, path: str) -> None:
-        """Load the weights saved by ``save_adapter`` into the ``default`` adapter (used to resume a run).
+    def load_adapter_weights(self, model: PeftModel, paths: list[str]) -> None:
+        """Restore the model as it was after task k from the adapters saved after tasks 1..k (used to resume).
 
-        ``requires_grad`` flags are left as they are.
+        The base class loads the last one into the ``default`` adapter; ``requires_grad`` flags are left as
+        they are.
+
+        Raises:
+            RuntimeError: the adapter has keys the model lacks.
         """
-        state = load_file(os.path.join(path, "adapter_model.safetensors"))
+        state = load_file(os.path.join(paths[-1], "adapter_model.safetensors"))
         result = set_peft_model_state_dict(model, state)
         if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"Adapter {path} has keys the model lacks: {result.unexpected_keys[:5]}")
+            raise RuntimeError(f"Adapter {paths[-1]} has keys the model lacks: {result.unexpected_keys[:5]}")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the adapter that a run resumed after the current task needs. Default: none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned (after ``load_adapter_weights``).
+
+        Raises:
+            ValueError: ``state`` is not empty (this method keeps no state).
+        """
+        if state:
+            raise ValueError(f"Method {self.name} keeps no state but got keys {sorted(state)[:5]}.")
 
     @contextlib.contextmanager
     def eval_adapter(self, model: PeftModel, task_index: int) -> Iterator[None]:

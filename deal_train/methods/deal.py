@@ -12,16 +12,11 @@ from __future__ import annotations
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from torch.nn.utils import parametrize
 
 from ..deal import DEALFactor, attach, fold, regulariser
+from .adapters import lora_layers
 from .base import ContinualMethod
-
-
-def lora_layers(model: torch.nn.Module, adapter: str = "default") -> list[tuple[str, LoraLayer]]:
-    """(name, layer) for every PEFT LoRA layer that holds ``adapter``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
 
 
 class DEAL(ContinualMethod):
@@ -90,7 +85,7 @@ class DEAL(ContinualMethod):
             return None, {}
         return self.regularisation()
 
-    def after_task(self, model: PeftModel, task_index: int) -> None:
+    def after_task(self, model: PeftModel, task_index: int, train_batches=None) -> None:
         """Fold: A <- O_Aᵀ, B <- O_B in place; the adapter is plain LoRA again (and stays frozen)."""
         if task_index == 0:
             return

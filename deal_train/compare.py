@@ -1,0 +1,217 @@
+"""Run several continual-learning methods on the same tasks, data, seed and budget, and compare them.
+
+``python -m deal_train.compare --config base.yaml --methods deal,seq_lora,o_lora,per_task,replay,ewc,lwf
+[--key value ...] --output_dir DIR`` takes every option of ``python -m deal_train`` except ``--method``
+(the config's ``method`` is replaced by each entry of ``--methods``). Each method runs in this process, one
+after another, with ``deal_train.loop.run`` into ``DIR/<method>/``: a finished run with the same settings is
+read back instead of rerun, a partial one resumes after its last finished task (``--overwrite_output_dir true``
+reruns every method from scratch). Then ``DIR/comparison.md`` (paste-ready tables and the plot),
+``DIR/comparison.json`` and ``DIR/comparison.png`` (average accuracy over the tasks seen, after each task) are
+written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Sequence
+
+from .cli import build_parser, run_cli
+from .config import ConfigError, TrainConfig, validate
+from .loop import METRICS_FILE, RESUME_IGNORED_KEYS, run
+from .methods import METHODS
+from .outputs import atomic_write_json, atomic_write_text, plot_average_accuracy
+
+COMPARISON_MD = "comparison.md"
+COMPARISON_JSON = "comparison.json"
+COMPARISON_PNG = "comparison.png"
+
+
+def parse_methods(text: str) -> list[str]:
+    """``deal,seq_lora`` -> ``["deal", "seq_lora"]``.
+
+    Raises:
+        ConfigError: empty, an unknown method name, or a name given twice.
+    """
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if not names or unknown:
+        raise ConfigError(f"--methods {text!r}: give a comma-separated list of {', '.join(METHODS)}"
+                          + (f" (unknown: {', '.join(unknown)})." if unknown else "."))
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--methods {text!r} names a method twice.")
+    return names
+
+
+def method_config(base: TrainConfig, method: str) -> TrainConfig:
+    """``base`` with ``method`` set and ``output_dir`` = ``<base.output_dir>/<method>``."""
+    cfg = dataclasses.replace(base, method=method, output_dir=os.path.join(base.output_dir, method))
+    validate(cfg)
+    return cfg
+
+
+def finished_metrics(cfg: TrainConfig) -> dict | None:
+    """The metrics of a finished run in ``cfg.output_dir`` made with the same settings, or None to (re)run.
+
+    Raises:
+        ConfigError: the directory holds a finished run with different settings (names the keys).
+    """
+    path = os.path.join(cfg.output_dir, METRICS_FILE)
+    if cfg.overwrite_output_dir or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        old = json.load(fh)
+    if not old.get("finished"):
+        return None
+    old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in RESUME_IGNORED_KEYS}
+    new_cfg = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_IGNORED_KEYS}
+    if old_cfg != new_cfg:
+        diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+        raise ConfigError(f"{cfg.output_dir} holds a finished run with other settings (keys: {', '.join(diff)}). "
+                          f"Use another --output_dir, or --overwrite_output_dir true to rerun every method.")
+    return old
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux: write 5 to ``/proc/self/clear_refs``), so that the
+    ``peak_rss_bytes`` of the next in-process run is that run's own. Returns False where it is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def summary_row(method: str, metrics: dict, output_dir: str) -> dict:
+    """One method's comparison row from its ``metrics.json`` content.
+
+    Keys: ``method``, ``average_accuracy`` / ``backward_transfer`` / ``average_rouge1`` (in %; BWT None for one
+    task), ``trainable_parameters`` (the most any task trained), ``wall_seconds`` (training + evaluation,
+    summed over tasks), ``peak_rss_bytes`` (max over tasks), ``average_accuracy_after_task`` (one value per
+    task, in %), ``output_dir``.
+    """
+    per_task = metrics["per_task"]
+    return {
+        "method": method,
+        "average_accuracy": metrics["average_accuracy"],
+        "backward_transfer": metrics["backward_transfer"],
+        "average_rouge1": metrics["average_rouge1"],
+        "trainable_parameters": max(p["trainable_parameters"] for p in per_task),
+        "wall_seconds": metrics["wall_seconds"],
+        "peak_rss_bytes": max(p["peak_rss_bytes"] for p in per_task),
+        "average_accuracy_after_task": [p["average_accuracy_so_far"] for p in per_task],
+        "output_dir": output_dir,
+    }
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+def comparison_markdown(base: TrainConfig, tasks: list[str], rows: list[dict], peak_reset: bool) -> str:
+    """The paste-ready Markdown report: settings, the summary table, the plot and the per-task AA table."""
+    sequence = " → ".join(tasks)
+    lines = [
+        "## Continual-learning methods compared",
+        "",
+        f"Model `{base.model}`; tasks {sequence}; seed {base.seed}; at most {base.max_train_samples or 'all'} "
+        f"training and {base.max_test_samples or 'all'} test rows per task; LoRA rank {base.lora_rank} "
+        f"(alpha {base.lora_alpha:g}) on {', '.join(base.target_modules)}; AdamW lr {base.learning_rate:g}, "
+        f"batch {base.per_device_train_batch_size} × {base.gradient_accumulation_steps} accumulation, "
+        f"{base.num_train_epochs} epoch(s) per task.",
+        "",
+        "| Method | AA (%) | BWT (%) | ROUGE-1 (%) | Trainable params | Wall time | Peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {_pct(r['average_accuracy'])} | {_pct(r['backward_transfer'], True)} | "
+                     f"{_pct(r['average_rouge1'])} | {r['trainable_parameters']:,} | {_duration(r['wall_seconds'])} | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} GiB |")
+    lines += [
+        "",
+        "AA: mean exact match over all tasks after the last task. BWT: mean over the earlier tasks of the final "
+        "exact match minus the one just after training that task. ROUGE-1: mean ROUGE-1 F1 after the last task. "
+        "Trainable params: the most any task trained. Wall time: training and evaluation, summed over tasks. "
+        "Peak RSS: peak resident memory of the process during the run"
+        + ("." if peak_reset else " (could not be reset between methods run in one process: a later method's "
+                                   "value includes the earlier ones')."),
+        "",
+        f"![Average accuracy of the tasks seen so far, after each task]({COMPARISON_PNG})",
+        "",
+        "Average accuracy (%) of the tasks seen so far, after each task:",
+        "",
+        "| Method | " + " | ".join(f"after {j + 1} ({t})" for j, t in enumerate(tasks)) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(f"{v:.1f}" for v in r["average_accuracy_after_task"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(base: TrainConfig, methods: Sequence[str]) -> dict:
+    """Run (or read back) every method under ``base.output_dir`` and write the comparison files.
+
+    Returns:
+        The ``comparison.json`` content: ``tasks``, ``config`` (the shared settings), ``methods`` (one
+        ``summary_row`` per method, in the order given).
+    Raises:
+        ConfigError: invalid settings, or a finished run with other settings in a method's directory.
+    """
+    cfgs = [method_config(base, m) for m in methods]
+    rows, tasks, peak_reset = [], None, True
+    for cfg in cfgs:
+        metrics = finished_metrics(cfg)
+        if metrics is None:
+            peak_reset = reset_peak_rss() and peak_reset
+            metrics = run(cfg)
+        else:
+            print(f"{cfg.method}: finished run found in {cfg.output_dir}, not rerun.")
+        if tasks is None:
+            tasks = metrics["tasks"]
+        rows.append(summary_row(cfg.method, metrics, cfg.output_dir))
+    shared = {k: v for k, v in base.to_dict().items() if k not in ("method", "output_dir", "overwrite_output_dir")}
+    result = {"tasks": tasks, "config": shared, "methods": rows}
+    root = base.output_dir
+    atomic_write_json(os.path.join(root, COMPARISON_JSON), result)
+    plot_average_accuracy(os.path.join(root, COMPARISON_PNG), tasks,
+                          {r["method"]: r["average_accuracy_after_task"] for r in rows},
+                          f"{base.model}: average accuracy of the tasks seen")
+    markdown = comparison_markdown(base, tasks, rows, peak_reset)
+    atomic_write_text(os.path.join(root, COMPARISON_MD), markdown)
+    print("\n" + markdown + f"\nWritten to {root}/{COMPARISON_MD}, {COMPARISON_JSON}, {COMPARISON_PNG}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m deal_train.compare``; exit code 2 on bad input (as ``python -m deal_train``)."""
+    parser = build_parser(prog="python -m deal_train.compare",
+                          description="Run several continual-learning methods on the same tasks and budget and "
+                                      "write comparison.md / comparison.json / comparison.png under --output_dir.")
+    parser.add_argument("--methods", required=True, metavar="A,B,...",
+                        help=f"Comma-separated methods to run, in this order: {', '.join(METHODS)}.")
+    args = parser.parse_args(argv)
+
+    def main_cfg(cfg: TrainConfig) -> None:
+        if args.method is not None:
+            raise ConfigError("python -m deal_train.compare takes --methods (a list), not --method.")
+        compare(cfg, parse_methods(args.methods))
+
+    return run_cli(main_cfg, argv, parser=parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

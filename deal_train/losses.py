@@ -1,0 +1,58 @@
+"""The answer-token forward pass and losses shared by the loop and the methods (decoder-only, left-padded
+batches from ``collate_train``: each answer ends at the last position)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def answer_window(labels: torch.Tensor) -> int:
+    """How many final positions hold every logit the loss needs: longest answer (labelled tokens) + 1.
+
+    Valid for left-padded batches (``collate_train``), where each answer ends at the last position.
+    """
+    return int((labels != -100).sum(dim=1).max()) + 1
+
+
+def answer_forward(model, batch: dict):
+    """The model's outputs on a training batch, with logits for the last ``answer_window`` positions only.
+
+    Args:
+        batch: ``input_ids``, ``attention_mask``, ``position_ids``, ``labels`` (batch × seq), on the model's device.
+    Returns:
+        The model output; ``.logits`` is (batch, answer_window, vocab).
+    """
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], use_cache=False, logits_to_keep=answer_window(batch["labels"]))
+
+
+def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict a labelled token, and those tokens (next-token shift applied).
+
+    Args:
+        logits: (batch, k, vocab), the logits of the last k positions (k <= seq; k = seq for all).
+        labels: (batch, seq), -100 where ignored.
+    Returns:
+        (n, vocab) logits in the input dtype and (n,) target ids, n = number of labelled tokens, in row-major
+        order of (row, position).
+    """
+    k = logits.shape[1]
+    seq = labels.shape[1]
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, seq - k + 1:]
+    mask = shift_labels != -100
+    return shift_logits[mask], shift_labels[mask]
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions.
+
+    Args:
+        logits: (batch, k, vocab), the logits of the last k positions (k <= seq; k = seq for all).
+        labels: (batch, seq), -100 where ignored.
+    Returns:
+        (sum of CE in nats as a float32 scalar, number of labelled tokens).
+    """
+    picked, targets = answer_logits(logits, labels)
+    ce = torch.nn.functional.cross_entropy(picked.float(), targets, reduction="sum")
+    return ce, int(targets.numel())

@@ -1,0 +1,136 @@
+"""O-LoRA: orthogonal subspace learning for continual learning (Wang et al., EMNLP Findings 2023;
+DESIGN.md section 4; reference code github.com/cmnfriend/O-LoRA, ``uie_trainer_lora.py``).
+
+Task t (0-based) trains a new rank-r PEFT LoRA adapter ``task_<t>`` while the adapters of tasks 0..t-1 stay
+active in the forward pass and frozen. The loss adds
+
+    lambda_orth * sum_{i<t} sum_layers sum_{j,k} |(A_i A_t^T)[j, k]|        (A: lora_A.weight, r × d_in)
+
+so the new adapter's input subspace (the rows of A_t) is pushed orthogonal to the earlier ones, and optionally
+``lambda_l2 * sum_{M in new adapter's LoRA matrices} ||M||_F`` (the reference code's L2 term: norms, not
+squared). Evaluation uses all adapters together.
+
+Output after task t: ONE plain PEFT adapter of rank (t+1)·r, PEFT's ``add_weighted_adapter(...,
+combination_type="cat")`` of all adapters with weights 1. It is exact: ``cat`` stacks ``A_i · scaling_i``
+(rows) and ``B_i`` (columns) and gives the result ``lora_alpha = r_cat`` (scaling 1), so
+``B_cat A_cat x = sum_i scaling_i B_i A_i x``, the live model's LoRA output. After task 0 the single adapter
+``task_0`` is saved as it is (``cat`` of one adapter falls back to PEFT's ``linear`` combination).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel, get_peft_model
+
+from .adapters import (activate, adapter_parameters, kept_adapter_state, load_named_adapter, lora_layers,
+                       save_named_adapter, task_adapter)
+from .base import ContinualMethod
+
+CAT_ADAPTER = "o_lora_cat"
+"""Name of the temporary concatenated adapter built for saving (and while resuming)."""
+
+
+class OLoRA(ContinualMethod):
+    """O-LoRA with one new rank-r adapter per task. Config keys: ``o_lora_lambda_orth``, ``o_lora_lambda_l2``."""
+
+    name = "o_lora"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._pairs: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (A_t, [A_i, i < t]) per LoRA layer
+
+    def wrap(self, base_model: torch.nn.Module) -> PeftModel:
+        return get_peft_model(base_model, self.lora_config(), adapter_name=task_adapter(0))
+
+    @staticmethod
+    def adapter_names(model: PeftModel) -> list[str]:
+        """``task_0 .. task_{k-1}``: the task adapters the model holds, in task order."""
+        names = []
+        while task_adapter(len(names)) in model.peft_config:
+            names.append(task_adapter(len(names)))
+        return names
+
+    def before_task(self, model: PeftModel, task_index: int, train_rows=None) -> None:
+        """Add adapter ``task_<t>`` (t > 0), activate all adapters, and leave only the new one trainable.
+
+        Raises:
+            RuntimeError: after adding ``task_<t>`` the model does not hold exactly ``task_0 .. task_<t>``.
+        """
+        super().before_task(model, task_index, train_rows)
+        new = task_adapter(task_index)
+        if task_index > 0:
+            model.add_adapter(new, self.lora_config())
+        names = self.adapter_names(model)
+        if names != [task_adapter(i) for i in range(task_index + 1)]:
+            raise RuntimeError(f"O-LoRA before task {task_index}: the model holds adapters {names}.")
+        activate(model, names)  # PEFT turns requires_grad on for every active adapter ...
+        if len(names) > 1:
+            model.set_requires_grad(names[:-1], requires_grad=False)  # ... so the earlier ones are frozen again
+        self._pairs = [(layer.lora_A[new].weight, [layer.lora_A[old].weight for old in names[:-1]])
+                       for _n, layer in lora_layers(model, new)]
+
+    def orthogonality(self) -> torch.Tensor:
+        """sum_{i<t} sum_layers sum |A_i A_t^T| (a float32 scalar; 0-dim, zero on task 0)."""
+        terms = [torch.mm(a_old, a_new.T).abs().sum() for a_new, olds in self._pairs for a_old in olds]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def extra_loss(self, model, batch, outputs):
+        if self.task_index == 0:
+            return None, {}
+        cfg = self.cfg
+        orth = self.orthogonality()
+        total = cfg.o_lora_lambda_orth * orth
+        logs = {"o_lora/orth_loss": float(orth.detach())}
+        if cfg.o_lora_lambda_l2 > 0:
+            l2 = torch.stack([p.norm() for _n, p in adapter_parameters(model, task_adapter(self.task_index))]).sum()
+            total = total + cfg.o_lora_lambda_l2 * l2
+            logs["o_lora/l2_loss"] = float(l2.detach())
+        return total, logs
+
+    def save_adapter(self, model: PeftModel, path: str) -> None:
+        """Save the concatenation of all task adapters as one plain PEFT adapter of rank k·r.
+
+        The temporary ``cat`` adapter is deleted again; active adapters and ``requires_grad`` are unchanged.
+        """
+        names = self.adapter_names(model)
+        if len(names) == 1:
+            save_named_adapter(model, names[0], path)
+            return
+        with kept_adapter_state(model):
+            model.base_model.add_weighted_adapter(names, [1.0] * len(names), CAT_ADAPTER, combination_type="cat")
+            try:
+                save_named_adapter(model, CAT_ADAPTER, path)
+            finally:
+                model.delete_adapter(CAT_ADAPTER)
+
+    def load_adapter_weights(self, model: PeftModel, paths: list[str]) -> None:
+        """Rebuild adapters ``task_0 .. task_{k-1}`` from the concatenated adapter saved after task k.
+
+        Block i of the saved adapter holds ``A_i · scaling_i / scaling_cat`` and ``B_i``; dividing the scale
+        back out is exact when ``lora_alpha / lora_rank`` is a power of two (the default 32 / 8 = 4) and
+        otherwise within one float rounding of the trained ``A_i``. All adapters end active and frozen.
+
+        Raises:
+            ValueError: the saved adapter's rank is not k · ``lora_rank``.
+        """
+        k = len(paths)
+        r = self.cfg.lora_rank
+        names = [task_adapter(i) for i in range(k)]
+        load_named_adapter(model, paths[-1], CAT_ADAPTER)  # inactive and frozen
+        try:
+            if model.peft_config[CAT_ADAPTER].r != k * r:
+                raise ValueError(f"{paths[-1]} has rank {model.peft_config[CAT_ADAPTER].r}, expected {k} tasks × "
+                                 f"rank {r}.")
+            for name in names[1:]:
+                model.add_adapter(name, self.lora_config())
+            with torch.no_grad():
+                for _n, layer in lora_layers(model, CAT_ADAPTER):
+                    a_cat, b_cat = layer.lora_A[CAT_ADAPTER].weight, layer.lora_B[CAT_ADAPTER].weight
+                    for i, name in enumerate(names):
+                        ratio = layer.scaling[CAT_ADAPTER] / layer.scaling[name]
+                        layer.lora_A[name].weight.copy_(a_cat[i * r:(i + 1) * r] * ratio)
+                        layer.lora_B[name].weight.copy_(b_cat[:, i * r:(i + 1) * r])
+        finally:
+            model.delete_adapter(CAT_ADAPTER)
+        activate(model, names)
+        model.set_requires_grad(names, requires_grad=False)
