@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Sequence
 
-from .cli import build_parser, run_cli
+from .cli import build_parser, quiet_libraries, run_cli
 from .config import ConfigError, TrainConfig, validate
 from .loop import METRICS_FILE, RESUME_IGNORED_KEYS, run
 from .methods import METHODS
@@ -198,6 +198,7 @@ def compare(base: TrainConfig, methods: Sequence[str]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m deal_train.compare``; exit code 2 on bad input (as ``python -m deal_train``)."""
+    quiet_libraries()
     parser = build_parser(prog="python -m deal_train.compare",
                           description="Run several continual-learning methods on the same tasks and budget and "
                                       "write comparison.md / comparison.json / comparison.png under --output_dir.")
