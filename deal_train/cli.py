@@ -40,6 +40,8 @@ def build_parser(prog: str = "deal_train", description: str | None = None) -> ar
         help_text += f" Default: {_fmt_default(default)}."
         metavar = "BOOL" if typ is bool else ("A,B,..." if typ == list[str] else typ.__name__.upper())
         parser.add_argument(f"--{name}", dest=name, default=None, metavar=metavar, help=help_text)
+    parser.add_argument("--allow-unordered-norms", dest="allow_unordered_norms", action="store_const", const="true",
+                        help="Flag form of --allow_unordered_norms true.")
     return parser
 
 

@@ -80,7 +80,17 @@ class TrainConfig:
 
     # --- DEAL (DESIGN.md section 3) -----------------------------------------------------------
     deal_learning_rate: float = _f(1e-3, "AdamW learning rate of the DEAL retention and update parameters.")
-    deal_scales: int = _f(4, "J: number of heat-kernel scales in the spectral filter (Eqs. 7-10).")
+    deal_kernel: str = _f("heat", "Retention kernel (paper App. F, Table 7): heat (Eq. 8), xexp (x e^-x profile), "
+                                  "spline (quadratic B-spline), haar (reference code: one-level 2-D Haar DWT of the "
+                                  "factor, learnable scaling of the approximation band).",
+                          ("heat", "xexp", "spline", "haar"))
+    deal_scales: int = _f(4, "J: number of kernel scales in the spectral filter (Eqs. 7-10; unused by haar).")
+    deal_sigma_base: float = _f(0.5, "Kernel widths sigma_j = deal_sigma_base * 2^-j, j = 0..J-1, on singular "
+                                     "values normalised to [0, 1] (heat and spline; xexp's width follows its centre).")
+    deal_layers: int = _f(1, "K: stacked retention layers (Eq. 9); each later layer re-decomposes its input.")
+    deal_activation_retention: str = _f("identity", "Activation between retention layers (applied to each layer's "
+                                                    "correction; used only when deal_layers > 1).",
+                                        ("identity", "gelu", "tanh"))
     deal_mlp_hidden: int = _f(32, "Hidden width h of the update MLP (Eq. 11).")
     deal_activation: str = _f("gelu", "Activation of the update MLP.", ("gelu", "tanh", "relu", "identity"))
     deal_update: str = _f("both", "Which LoRA factors DEAL updates (paper Fig. 2a).", ("both", "A", "B"))
@@ -88,6 +98,8 @@ class TrainConfig:
     deal_norm_retention: float = _f(10.0, "a: norm order of the retention regulariser.")
     deal_lambda_update: float = _f(0.001, "lambda_2: weight of the update regulariser (Eq. 12).")
     deal_norm_update: float = _f(2.0, "b: norm order of the update regulariser (a >= b).")
+    allow_unordered_norms: bool = _f(False, "Accept deal_norm_retention (a) < deal_norm_update (b); the paper "
+                                            "requires a >= b, so this is refused unless set to true.")
     deal_reg_target: str = _f("delta", "Regularise the distance from each parameter's start-of-task value "
                                        "(delta) or the raw parameters as in the paper (raw).", ("delta", "raw"))
     deal_reg_form: str = _f("norm", "Regulariser form: ||x||_p (norm) or ||x||_p^p (power, the paper's).",
@@ -183,11 +195,11 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"Config key '{name}' = {getattr(cfg, name)!r} is not one of {list(choices)}.")
     positive = ["lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                 "max_source_length", "max_target_length", "max_new_tokens", "per_device_eval_batch_size",
-                "deal_scales", "deal_mlp_hidden", "logging_steps", "max_nonfinite_steps", "ewc_fisher_batches"]
+                "deal_scales", "deal_layers", "deal_mlp_hidden", "logging_steps", "max_nonfinite_steps", "ewc_fisher_batches"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
-    for name in ["learning_rate", "deal_learning_rate", "lwf_temperature"]:
+    for name in ["learning_rate", "deal_learning_rate", "deal_sigma_base", "lwf_temperature"]:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
     for name in ["max_train_samples", "max_test_samples", "deal_lambda_retention", "deal_lambda_update",
@@ -197,6 +209,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"Config key '{name}' must be >= 0, got {getattr(cfg, name)}.")
     if cfg.deal_norm_retention < 1 or cfg.deal_norm_update < 1:
         raise ConfigError("deal_norm_retention (a) and deal_norm_update (b) must be >= 1 (they are norm orders).")
+    if cfg.deal_norm_retention < cfg.deal_norm_update and not cfg.allow_unordered_norms:
+        raise ConfigError(f"deal_norm_retention (a = {cfg.deal_norm_retention:g}) is below deal_norm_update "
+                          f"(b = {cfg.deal_norm_update:g}); DEAL's Eq. 12 needs a >= b. Swap them, or set "
+                          f"allow_unordered_norms: true (--allow_unordered_norms true) to run it anyway.")
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
         raise ConfigError(f"Config key 'mixed_precision' = {cfg.mixed_precision!r}: use no, fp16 or bf16 (or leave "
                           f"empty to take the accelerate config's value).")

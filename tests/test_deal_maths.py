@@ -108,7 +108,7 @@ def test_gradients_reach_only_deal_parameters(tiny_model):
     got = [p.grad for f in method.factors for p in f.update.fc2.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in got)
     # and the retention gains
-    gains = [f.retention.gains.grad for f in method.factors]
+    gains = [f.retention.layers[0].gains.grad for f in method.factors]
     assert any(g is not None and g.abs().sum() > 0 for g in gains)
 
 
@@ -122,7 +122,7 @@ def test_finite_gradients_on_degenerate_history(history):
         weight = (2.0 * q).t().contiguous()  # A = (2Q)ᵀ: all singular values equal
     factor = DEALFactor(weight, transpose=True, num_scales=4, hidden=8, activation="gelu")
     with torch.no_grad():
-        factor.retention.gains.normal_()
+        factor.retention.layers[0].gains.normal_()
         factor.update.fc2.weight.normal_()
     out = factor(weight)
     loss = out.pow(2).sum() + factor.drift() + regulariser(list(factor.parameters()), None, 10.0, "norm")

@@ -1,5 +1,7 @@
-"""The DEAL maths: spectral retention filter, update MLP, regularisers, fold (DESIGN.md section 3)."""
+"""The DEAL maths: retention kernels and filter, update MLP, regularisers, fold (DESIGN.md section 3)."""
 
-from .filter import DEALFactor, SpectralFilter, UpdateMLP, attach, fold, p_norm, regulariser
+from .filter import DEALFactor, RetentionStack, UpdateMLP, attach, fold, p_norm, regulariser
+from .kernels import KERNELS, HaarFilter, SpectralFilter, build_retention_layer
 
-__all__ = ["DEALFactor", "SpectralFilter", "UpdateMLP", "attach", "fold", "p_norm", "regulariser"]
+__all__ = ["DEALFactor", "HaarFilter", "KERNELS", "RetentionStack", "SpectralFilter", "UpdateMLP", "attach",
+           "build_retention_layer", "fold", "p_norm", "regulariser"]

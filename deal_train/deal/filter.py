@@ -12,14 +12,17 @@ by the previous task are the frozen *history* and DEAL learns a map ``Y -> O``:
        rho(s)   = 1 + sum_j g_j ⊙ phi_j(s)   (g: J × r learnable gains, c: J learnable centres)
        X̂        = U diag(s ⊙ rho(s)) Vᵀ
 
+   The kernel is a switch (``deal_kernel``: heat, xexp, spline, haar; App. F, Table 7), see ``kernels.py``;
+   K > 1 stacked layers with an activation between them are ``RetentionStack``.
+
 2. Controlled knowledge update, an MLP over the rank dimension applied to each row (Eq. 11)::
 
        O = X̂ + W2 act(W1 X̂ᵀ + b1) + b2      (W1: h × r, W2: r × h; W2 = 0, b2 = 0 at start)
 
-3. Regularisers (Eq. 12) on the retention parameters θ1 = {g, c} and the update parameters
+3. Regularisers (Eq. 12) on the retention parameters θ1 = {g, c} (Haar: the band scales) and the update parameters
    θ2 = {W1, b1, W2, b2}, plus an optional drift penalty ||O - Y||²_F / ||Y||²_F (ours).
 
-With g = 0 and W2 = b2 = 0 at the start of a task, O = Y exactly (identity at start). After the
+With g = 0 (Haar: scales = 1) and W2 = b2 = 0 at the start of a task, O = Y exactly (identity at start). After the
 task the map is folded: A <- O_Aᵀ, B <- O_B, giving a plain LoRA adapter of the same shape.
 
 The map is installed with ``torch.nn.utils.parametrize`` on ``lora_A.weight`` / ``lora_B.weight``;
@@ -32,57 +35,56 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .kernels import KERNELS, SpectralFilter, build_retention_layer
+
 ACTIVATIONS = {"gelu": nn.GELU, "tanh": nn.Tanh, "relu": nn.ReLU, "identity": nn.Identity}
+RETENTION_ACTIVATIONS = ("identity", "gelu", "tanh")
+"""Activations allowed between retention layers: all have δ(0) = 0, which the identity at start needs."""
+
+__all__ = ["ACTIVATIONS", "RETENTION_ACTIVATIONS", "KERNELS", "SpectralFilter", "RetentionStack", "UpdateMLP",
+           "DEALFactor", "p_norm", "regulariser", "attach", "fold"]
 
 
-def heat_widths(num_scales: int) -> torch.Tensor:
-    """Fixed multi-scale widths sigma_j = 0.5 · 2^-j, j = 0..J-1, on singular values normalised to [0, 1]."""
-    return 0.5 * torch.pow(2.0, -torch.arange(num_scales, dtype=torch.float32))
+class RetentionStack(nn.Module):
+    """K stacked retention layers (paper Eq. 9, H^0 = Y, X̂ = H^K) with an activation between them.
 
-
-class SpectralFilter(nn.Module):
-    """Heat-kernel wavelet filter over the singular spectrum of a frozen factor Y (paper Eqs. 7-10).
+    ``H^{k+1} = H^k + δ(C_k(H^k))`` for k < K-1 and ``X̂ = H^{K-1} + C_{K-1}(H^{K-1})``, where C_k is layer k's
+    correction (``kernels.KERNELS``; zero at start) and δ the retention activation. The paper writes
+    ``H^{k+1} = δ(filter(H^k))``; we apply δ to the correction instead so that the stack starts as the exact
+    identity for any δ with δ(0) = 0 (identity, gelu, tanh), as the update MLP does (DESIGN.md section 3).
+    The first layer decomposes the frozen history once; later layers decompose their (trainable) input on every
+    forward (``SpectralFilter.decompose``, finite gradients for any input).
 
     Args:
-        history: Y, shape (n, r), the frozen factor (any float dtype; the SVD is taken in float32).
-        num_scales: J, the number of heat kernels.
-
-    Buffers: ``U`` (n × r), ``s`` (r), ``Vh`` (r × r), ``s_norm`` (r, s / max s), ``sigma`` (J).
-    Parameters: ``centres`` c (J, initialised to linspace(0, 1, J)), ``gains`` g (J × r, zeros).
-
-    The SVD is computed once without gradient, so a zero factor or repeated singular values give
-    finite gradients (no SVD backward is ever taken).
+        history: Y (n × r), float32.
+        kernel: a key of ``KERNELS`` (heat, xexp, spline, haar).
+        num_scales: J; sigma_base: sigma_j = sigma_base · 2^-j.
+        layers: K >= 1.
+        activation: δ, one of ``RETENTION_ACTIVATIONS``.
+    Raises:
+        ValueError: K < 1, an unknown kernel, or an activation with δ(0) != 0 / not in the list.
     """
 
-    def __init__(self, history: torch.Tensor, num_scales: int):
+    def __init__(self, history: torch.Tensor, kernel: str = "heat", num_scales: int = 4, sigma_base: float = 0.5,
+                 layers: int = 1, activation: str = "identity"):
         super().__init__()
-        with torch.no_grad():
-            y = history.detach().float()
-            u, s, vh = torch.linalg.svd(y, full_matrices=False)
-            s_max = s.max() if s.numel() else torch.tensor(0.0)
-            s_norm = s / s_max if float(s_max) > 0 else torch.zeros_like(s)
-        self.register_buffer("U", u)
-        self.register_buffer("s", s)
-        self.register_buffer("Vh", vh)
-        self.register_buffer("s_norm", s_norm)
-        self.register_buffer("sigma", heat_widths(num_scales))
-        rank = s.numel()
-        self.centres = nn.Parameter(torch.linspace(0.0, 1.0, num_scales))
-        self.gains = nn.Parameter(torch.zeros(num_scales, rank))
-
-    def response(self) -> torch.Tensor:
-        """rho(s) = 1 + sum_j g_j ⊙ phi_j(s), shape (r,)."""
-        diff = self.s_norm.unsqueeze(0) - self.centres.unsqueeze(1)          # J × r
-        phi = torch.exp(-diff.pow(2) / (2.0 * self.sigma.unsqueeze(1).pow(2)))  # J × r
-        return 1.0 + (self.gains * phi).sum(dim=0)
+        if layers < 1:
+            raise ValueError(f"DEAL needs at least one retention layer, got {layers}.")
+        if activation not in RETENTION_ACTIVATIONS:
+            raise ValueError(f"Retention activation {activation!r} is not one of {', '.join(RETENTION_ACTIVATIONS)}.")
+        self.layers = nn.ModuleList(
+            build_retention_layer(kernel, history, num_scales, sigma_base, decompose_input=(k > 0))
+            for k in range(layers))
+        self.act = ACTIVATIONS[activation]()
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
-        """X̂ = U diag(s ⊙ rho(s)) Vᵀ, shape (n, r), computed as Y + U diag(s ⊙ (rho(s) - 1)) Vᵀ.
-
-        The two forms are equal since Y = U diag(s) Vᵀ; the second returns Y bit-exactly while g = 0
-        (identity at the start of a task) instead of Y up to the SVD's rounding.
-        """
-        return history + (self.U * (self.s * (self.response() - 1.0)).unsqueeze(0)) @ self.Vh
+        """X̂ (n × r) from Y (n × r)."""
+        h = history
+        last = len(self.layers) - 1
+        for k, layer in enumerate(self.layers):
+            c = layer.correction(h)
+            h = h + (c if k == last else self.act(c))
+        return h
 
 
 class UpdateMLP(nn.Module):
@@ -110,18 +112,23 @@ class DEALFactor(nn.Module):
     Args:
         weight: the history weight as stored by PEFT: A (r × d_in) when ``transpose`` else B (d_out × r).
         transpose: True for lora_A (Y = Aᵀ), False for lora_B (Y = B).
-        num_scales, hidden, activation: J, h and the MLP activation.
+        num_scales, hidden, activation: J, h and the update MLP's activation.
+        kernel: the retention kernel (``deal_kernel``: heat, xexp, spline, haar).
+        layers: K retention layers (``deal_layers``); retention_activation: δ between them.
+        sigma_base: sigma_j = sigma_base · 2^-j (``deal_sigma_base``).
 
     ``forward`` ignores its input (the frozen original weight) and returns O (or Oᵀ for A) in the
     weight's dtype and layout, so ``parametrize`` can fold it with ``leave_parametrized=True``.
     """
 
-    def __init__(self, weight: torch.Tensor, transpose: bool, num_scales: int, hidden: int, activation: str):
+    def __init__(self, weight: torch.Tensor, transpose: bool, num_scales: int, hidden: int, activation: str,
+                 kernel: str = "heat", layers: int = 1, retention_activation: str = "identity",
+                 sigma_base: float = 0.5):
         super().__init__()
         self.transpose = transpose
         history = weight.detach().t() if transpose else weight.detach()
         self.register_buffer("history", history.float().clone())
-        self.retention = SpectralFilter(history, num_scales)
+        self.retention = RetentionStack(self.history, kernel, num_scales, sigma_base, layers, retention_activation)
         self.update = UpdateMLP(history.shape[1], hidden, activation)
         self._out_dtype = weight.dtype
 
@@ -135,7 +142,7 @@ class DEALFactor(nn.Module):
         return out.to(original.dtype)
 
     def retention_parameters(self) -> list[nn.Parameter]:
-        """θ1 = {g, c} of Eq. 12."""
+        """θ1 of Eq. 12: {g, c} of every spectral layer, or the band scales a of every Haar layer."""
         return list(self.retention.parameters())
 
     def update_parameters(self) -> list[nn.Parameter]:

@@ -20,9 +20,11 @@ from .base import ContinualMethod
 
 
 class DEAL(ContinualMethod):
-    """DEAL with the heat-kernel retention filter and residual update MLP.
+    """DEAL with a spectral (or Haar) retention filter and residual update MLP.
 
-    Config keys: ``deal_learning_rate``, ``deal_scales`` (J), ``deal_mlp_hidden`` (h), ``deal_activation``,
+    Config keys: ``deal_learning_rate``, ``deal_kernel`` (heat/xexp/spline/haar), ``deal_scales`` (J),
+    ``deal_sigma_base``, ``deal_layers`` (K), ``deal_activation_retention``, ``deal_mlp_hidden`` (h),
+    ``deal_activation`` (of the update MLP),
     ``deal_update`` (both/A/B), ``deal_lambda_retention`` / ``deal_norm_retention`` (λ1, a),
     ``deal_lambda_update`` / ``deal_norm_update`` (λ2, b), ``deal_reg_target`` (delta/raw),
     ``deal_reg_form`` (norm/power), ``deal_lambda_drift``.
@@ -48,7 +50,10 @@ class DEAL(ContinualMethod):
                 if cfg.deal_update not in ("both", which):
                     continue
                 factor = DEALFactor(linear.weight, transpose=(which == "A"), num_scales=cfg.deal_scales,
-                                    hidden=cfg.deal_mlp_hidden, activation=cfg.deal_activation)
+                                    hidden=cfg.deal_mlp_hidden, activation=cfg.deal_activation,
+                                    kernel=cfg.deal_kernel, layers=cfg.deal_layers,
+                                    retention_activation=cfg.deal_activation_retention,
+                                    sigma_base=cfg.deal_sigma_base)
                 factor.to(linear.weight.device)
                 attach(linear, "weight", factor)
                 self.factors.append(factor)
