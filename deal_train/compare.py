@@ -85,29 +85,64 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def summary_row(method: str, metrics: dict, output_dir: str) -> dict:
-    """One method's comparison row from its ``metrics.json`` content.
+def run_summary(metrics: dict) -> dict:
+    """The figures of one finished run, from its ``metrics.json`` content (shared by compare and sweep rows).
 
-    Keys: ``method``, ``average_accuracy`` / ``backward_transfer`` / ``average_rouge1`` (in %; BWT None for one
-    task), ``trainable_parameters`` (the most any task trained), ``wall_seconds`` (training + evaluation,
-    summed over tasks), ``peak_rss_bytes`` (max over tasks), ``average_accuracy_after_task`` (one value per
-    task, in %), ``output_dir``.
+    Keys: ``average_accuracy`` / ``backward_transfer`` / ``average_rouge1`` (in %; BWT None for one task),
+    ``trainable_parameters`` (the most any task trained), ``wall_seconds`` (training + evaluation, summed over
+    tasks), ``peak_rss_bytes`` (max over tasks), ``later_train_seconds_per_sample`` (training seconds / training
+    samples summed over the tasks after the first, i.e. the tasks DEAL's filter and MLP train in -- the
+    efficiency column of paper Table 7, in seconds; None for one task or no samples),
+    ``later_trainable_parameters`` (the most any task after the first trained; None for one task),
+    ``average_accuracy_after_task`` (one value per task, in %).
     """
     per_task = metrics["per_task"]
+    later = per_task[1:]
+    later_samples = sum(p["train_samples"] for p in later)
     return {
-        "method": method,
         "average_accuracy": metrics["average_accuracy"],
         "backward_transfer": metrics["backward_transfer"],
         "average_rouge1": metrics["average_rouge1"],
         "trainable_parameters": max(p["trainable_parameters"] for p in per_task),
         "wall_seconds": metrics["wall_seconds"],
         "peak_rss_bytes": max(p["peak_rss_bytes"] for p in per_task),
+        "later_train_seconds_per_sample": (sum(p["train_seconds"] for p in later) / later_samples
+                                           if later_samples else None),
+        "later_trainable_parameters": max((p["trainable_parameters"] for p in later), default=None),
         "average_accuracy_after_task": [p["average_accuracy_so_far"] for p in per_task],
-        "output_dir": output_dir,
     }
 
 
-def _duration(seconds: float) -> str:
+def summary_row(method: str, metrics: dict, output_dir: str) -> dict:
+    """One method's comparison row: ``method``, the keys of ``run_summary`` and ``output_dir``."""
+    return {"method": method, **run_summary(metrics), "output_dir": output_dir}
+
+
+def run_or_read(cfgs: Sequence[TrainConfig], labels: Sequence[str]) -> tuple[list[dict], bool]:
+    """Run each config with ``loop.run`` in this process, one after another, or read back its finished run.
+
+    A finished run with the same settings in ``cfg.output_dir`` is read back (``finished_metrics``); a partial one
+    resumes inside ``loop.run``. ``labels`` name the runs in messages.
+
+    Returns:
+        (the ``metrics.json`` content of every run, in order; whether the peak RSS could be reset before each
+        run that was executed).
+    Raises:
+        ConfigError: a finished run with other settings in one of the directories.
+    """
+    out, peak_reset = [], True
+    for cfg, label in zip(cfgs, labels):
+        metrics = finished_metrics(cfg)
+        if metrics is None:
+            peak_reset = reset_peak_rss() and peak_reset
+            metrics = run(cfg)
+        else:
+            print(f"{label}: finished run found in {cfg.output_dir}, not rerun.")
+        out.append(metrics)
+    return out, peak_reset
+
+
+def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -116,7 +151,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def _pct(value: float | None, signed: bool = False) -> str:
+def format_pct(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "n/a"
     return f"{value:+.1f}" if signed else f"{value:.1f}"
@@ -138,8 +173,9 @@ def comparison_markdown(base: TrainConfig, tasks: list[str], rows: list[dict], p
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {_pct(r['average_accuracy'])} | {_pct(r['backward_transfer'], True)} | "
-                     f"{_pct(r['average_rouge1'])} | {r['trainable_parameters']:,} | {_duration(r['wall_seconds'])} | "
+        lines.append(f"| {r['method']} | {format_pct(r['average_accuracy'])} | "
+                     f"{format_pct(r['backward_transfer'], True)} | {format_pct(r['average_rouge1'])} | "
+                     f"{r['trainable_parameters']:,} | {format_duration(r['wall_seconds'])} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB |")
     lines += [
         "",
@@ -172,17 +208,9 @@ def compare(base: TrainConfig, methods: Sequence[str]) -> dict:
         ConfigError: invalid settings, or a finished run with other settings in a method's directory.
     """
     cfgs = [method_config(base, m) for m in methods]
-    rows, tasks, peak_reset = [], None, True
-    for cfg in cfgs:
-        metrics = finished_metrics(cfg)
-        if metrics is None:
-            peak_reset = reset_peak_rss() and peak_reset
-            metrics = run(cfg)
-        else:
-            print(f"{cfg.method}: finished run found in {cfg.output_dir}, not rerun.")
-        if tasks is None:
-            tasks = metrics["tasks"]
-        rows.append(summary_row(cfg.method, metrics, cfg.output_dir))
+    all_metrics, peak_reset = run_or_read(cfgs, [cfg.method for cfg in cfgs])
+    rows = [summary_row(cfg.method, metrics, cfg.output_dir) for cfg, metrics in zip(cfgs, all_metrics)]
+    tasks = all_metrics[0]["tasks"]
     shared = {k: v for k, v in base.to_dict().items() if k not in ("method", "output_dir", "overwrite_output_dir")}
     result = {"tasks": tasks, "config": shared, "methods": rows}
     root = base.output_dir
