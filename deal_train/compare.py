@@ -20,7 +20,7 @@ from typing import Sequence
 
 from .cli import build_parser, quiet_libraries, run_cli
 from .config import ConfigError, TrainConfig, validate
-from .loop import METRICS_FILE, RESUME_IGNORED_KEYS, run
+from .loop import METRICS_FILE, comparable_config, run
 from .methods import METHODS
 from .outputs import atomic_write_json, atomic_write_text, plot_average_accuracy
 
@@ -65,8 +65,8 @@ def finished_metrics(cfg: TrainConfig) -> dict | None:
         old = json.load(fh)
     if not old.get("finished"):
         return None
-    old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in RESUME_IGNORED_KEYS}
-    new_cfg = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_IGNORED_KEYS}
+    old_cfg = comparable_config(old.get("config", {}))
+    new_cfg = comparable_config(cfg.to_dict())
     if old_cfg != new_cfg:
         diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
         raise ConfigError(f"{cfg.output_dir} holds a finished run with other settings (keys: {', '.join(diff)}). "

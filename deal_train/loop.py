@@ -98,6 +98,14 @@ def _flat_config(cfg: TrainConfig) -> dict:
     return {k: (",".join(v) if isinstance(v, list) else v) for k, v in cfg.to_dict().items()}
 
 
+def comparable_config(saved: dict) -> dict:
+    """A run's config as saved in ``metrics.json``, ready to compare with another: keys added to TrainConfig
+    after that run was made take their defaults (every new key's default keeps the earlier behaviour), and
+    ``RESUME_IGNORED_KEYS`` are dropped."""
+    merged = {**TrainConfig().to_dict(), **saved}
+    return {k: v for k, v in merged.items() if k not in RESUME_IGNORED_KEYS}
+
+
 def _check_output_dir(cfg: TrainConfig) -> dict | None:
     """Return the partial metrics of an earlier run to resume, or None to start fresh.
 
@@ -116,8 +124,8 @@ def _check_output_dir(cfg: TrainConfig) -> dict | None:
     if old.get("finished"):
         raise ConfigError(f"Output directory {cfg.output_dir} already holds a finished run. Choose another "
                           f"output_dir or pass --overwrite_output_dir true.")
-    old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in RESUME_IGNORED_KEYS}
-    new_cfg = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_IGNORED_KEYS}
+    old_cfg = comparable_config(old.get("config", {}))
+    new_cfg = comparable_config(cfg.to_dict())
     if old_cfg != new_cfg:
         diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
         raise ConfigError(f"Output directory {cfg.output_dir} holds a partial run with a different config "

@@ -98,9 +98,25 @@ def test_sweep_runs_one_directory_per_point_and_writes_rows(tmp_path, monkeypatc
     assert f"| {heat['trainable_parameters']:,} | {heat['later_trainable_parameters']:,} |" in table[1]
     assert f"{1000 * haar['later_train_seconds_per_sample']:.1f}" in table[2]
 
-    # a second call reads both points back; a grid over an unknown key exits 2 without running anything
+    # a second call reads both points back, also when the saved config predates this keys (their
+    # defaults are the earlier behaviour); a grid over an unknown key exits 2 without running anything
     ran.clear()
+    heat_metrics = root / "deal_kernel=heat" / "metrics.json"
+    old = json.loads(heat_metrics.read_text())
+    for key in ("deal_layers", "deal_activation_retention", "deal_sigma_base", "allow_unordered_norms"):
+        del old["config"][key]
+    heat_metrics.write_text(json.dumps(old))
     assert main(argv) == 0 and ran == []
     capsys.readouterr()
     assert main(argv[:2] + ["--grid", "deal_kernal=heat", "--output_dir", str(root)]) == 2
     assert "unknown config key 'deal_kernal'" in capsys.readouterr().err and ran == []
+
+
+def test_comparable_config_fills_keys_added_later_with_their_defaults():
+    from deal_train.loop import comparable_config
+
+    now = TrainConfig(deal_kernel="haar", output_dir="x").to_dict()
+    saved = {k: v for k, v in now.items() if k not in ("deal_layers", "deal_sigma_base")}
+    assert comparable_config(saved) == comparable_config(now)
+    assert "output_dir" not in comparable_config(now)
+    assert comparable_config({**saved, "deal_layers": 2}) != comparable_config(now)
