@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .config import ConfigError, TrainConfig, coerce_value, config_fields, validate
+from .config import apply_profile, ConfigError, TrainConfig, coerce_value, config_fields, validate
 
 
 def _fmt_default(value: Any) -> str:
@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raw = getattr(args, key, None)
         if raw is not None:
             values[key] = coerce_value(key, typ, raw, "command line")
-    cfg = TrainConfig(**values)
+    cfg = TrainConfig(**apply_profile(values))
     validate(cfg)
     return cfg
 

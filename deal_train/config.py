@@ -77,8 +77,16 @@ class TrainConfig:
     max_new_tokens: int = _f(50, "Tokens generated at evaluation (greedy; stops at EOS).")
     per_device_eval_batch_size: int = _f(16, "Batch size for generation at evaluation.")
     eval_zero_shot: bool = _f(False, "Also evaluate the base model on every task before training (zero-shot row).")
+    validation_rows: int = _f(100, "Rows per task carved from the training file (a fixed, seed-independent choice per "
+                                   "task) as a validation split; never trained on. 0 = no validation split.")
+    eval_split: str = _f("test", "Split that fills the accuracy matrix: test (final numbers) or validation (for "
+                                 "searches and sweeps; needs validation_rows > 0).", ("test", "validation"))
 
     # --- DEAL (DESIGN.md section 3) -----------------------------------------------------------
+    deal_profile: str = _f("tuned", "DEAL settings preset: tuned (our defaults, found by the search in "
+                                    "docs/deal_defaults.md) or paper (the paper's literal method: no drift penalty, no "
+                                    "residual update, raw regularisers). A preset fills the DEAL keys you do not set "
+                                    "yourself.", ("tuned", "paper"))
     deal_learning_rate: float = _f(1e-3, "AdamW learning rate of the DEAL retention and update parameters.")
     deal_kernel: str = _f("heat", "Retention kernel (paper App. F, Table 7): heat (Eq. 8), xexp (x e^-x profile), "
                                   "spline (quadratic B-spline), haar (reference code: one-level 2-D Haar DWT of the "
@@ -106,6 +114,10 @@ class TrainConfig:
                             ("norm", "power"))
     deal_lambda_drift: float = _f(0.0, "Drift penalty sum ||O - Y||_F^2 / ||Y||_F^2 over factors (ours, not the "
                                        "paper's; see DESIGN.md section 7).")
+    deal_residual_update: bool = _f(False, "Add a trainable residual R (n x r, zero at the start of each task, trained "
+                                           "at learning_rate) to every filtered factor: O = MLP(filter(Y)) + R. Gives "
+                                           "DEAL LoRA's plasticity; the drift penalty keeps it near the history "
+                                           "(ours, not the paper's; off in the paper profile).")
 
     # --- baselines (DESIGN.md section 4) ------------------------------------------------------
     o_lora_lambda_orth: float = _f(0.5, "O-LoRA lambda_orth: weight of sum_i sum_layers sum |A_i A_t^T| (elementwise "
@@ -130,6 +142,33 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+PAPER_PROFILE: dict[str, Any] = {
+    "deal_lambda_retention": 0.01, "deal_norm_retention": 10.0, "deal_lambda_update": 0.001, "deal_norm_update": 2.0,
+    "deal_reg_target": "raw", "deal_reg_form": "norm", "deal_lambda_drift": 0.0, "deal_residual_update": False,
+}
+"""``deal_profile: paper``: the paper's literal DEAL (Eq. 12 on the raw parameters with the reference scripts'
+lambda_1 = 0.01, a = 10, lambda_2 = 0.001, b = 2; no drift penalty, no residual update)."""
+
+TUNED_PROFILE: dict[str, Any] = {}
+"""``deal_profile: tuned``: the TrainConfig defaults (the winner of docs/deal_defaults.md's search)."""
+
+PROFILES = {"tuned": TUNED_PROFILE, "paper": PAPER_PROFILE}
+
+LEGACY_DEFAULTS: dict[str, Any] = {"validation_rows": 0, "deal_residual_update": False}
+"""Values that runs saved before these keys existed behaved as (their current defaults differ)."""
+
+
+def apply_profile(values: dict[str, Any]) -> dict[str, Any]:
+    """Fill the DEAL keys of ``values['deal_profile']``'s preset that ``values`` does not set itself.
+
+    Args:
+        values: config keys set explicitly (YAML file, command line, sweep grid), already coerced.
+    Returns:
+        A new dict: the preset's values under ``values``.
+    """
+    return {**PROFILES[values.get("deal_profile", "tuned")], **values}
 
 
 def config_fields() -> list[tuple[str, type, Any, dict]]:
@@ -193,6 +232,8 @@ def validate(cfg: TrainConfig) -> None:
         choices = meta.get("choices")
         if choices is not None and getattr(cfg, name) not in choices:
             raise ConfigError(f"Config key '{name}' = {getattr(cfg, name)!r} is not one of {list(choices)}.")
+    if cfg.eval_split == "validation" and cfg.validation_rows <= 0:
+        raise ConfigError("eval_split is 'validation' but validation_rows is 0: set validation_rows > 0 (e.g. 100).")
     positive = ["lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                 "max_source_length", "max_target_length", "max_new_tokens", "per_device_eval_batch_size",
                 "deal_scales", "deal_layers", "deal_mlp_hidden", "logging_steps", "max_nonfinite_steps", "ewc_fisher_batches"]
@@ -202,7 +243,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in ["learning_rate", "deal_learning_rate", "deal_sigma_base", "lwf_temperature"]:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
-    for name in ["max_train_samples", "max_test_samples", "deal_lambda_retention", "deal_lambda_update",
+    for name in ["validation_rows", "max_train_samples", "max_test_samples", "deal_lambda_retention", "deal_lambda_update",
                  "deal_lambda_drift", "weight_decay", "max_grad_norm", "lora_dropout", "o_lora_lambda_orth",
                  "o_lora_lambda_l2", "replay_samples_per_task", "ewc_lambda", "lwf_weight"]:
         if getattr(cfg, name) < 0:

@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import ConfigError, TrainConfig
-from .data import Encoder, collate_train, load_task, read_rows, sample_rows, task_sequence
+from . import adapter_change
+from .config import LEGACY_DEFAULTS, ConfigError, TrainConfig
+from .data import Encoder, collate_train, load_task, read_rows, sample_rows, split_validation, task_sequence
 from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
 from .losses import answer_forward, token_cross_entropy_sum
 from .methods import ContinualMethod, get_method
@@ -68,6 +69,10 @@ def peak_rss_bytes() -> int:
 def prepare_data(cfg: TrainConfig) -> list[TaskData]:
     """Load and validate every task of the sequence before any training starts.
 
+    Each task's training file loses ``validation_rows`` rows to the validation split first
+    (``split_validation``); the training rows are sampled from the rest. With ``eval_split: validation`` the
+    validation rows take the test rows' place in evaluation (all of them; ``max_test_samples`` does not apply).
+
     Raises:
         ConfigError: unknown task/benchmark, missing or malformed files, labels outside the label set,
             or a task left empty after ``max_train_samples``.
@@ -78,8 +83,11 @@ def prepare_data(cfg: TrainConfig) -> list[TaskData]:
     for i, name in enumerate(names):
         task = load_task(data_dir, name)
         dropped: dict = {}
-        train = sample_rows(read_rows(task, "train", dropped), cfg.max_train_samples, cfg.seed + i)
+        validation, pool = split_validation(read_rows(task, "train", dropped), cfg.validation_rows, name)
+        train = sample_rows(pool, cfg.max_train_samples, cfg.seed + i)
         test = sample_rows(read_rows(task, "test", dropped), cfg.max_test_samples, cfg.seed + 1000 + i)
+        if cfg.eval_split == "validation":
+            test = validation  # scored in place of the test rows (the test file is still checked above)
         out.append(TaskData(task=task, train_rows=train, test_rows=test, dropped=dropped))
     return out
 
@@ -100,9 +108,9 @@ def _flat_config(cfg: TrainConfig) -> dict:
 
 def comparable_config(saved: dict) -> dict:
     """A run's config as saved in ``metrics.json``, ready to compare with another: keys added to TrainConfig
-    after that run was made take their defaults (every new key's default keeps the earlier behaviour), and
-    ``RESUME_IGNORED_KEYS`` are dropped."""
-    merged = {**TrainConfig().to_dict(), **saved}
+    after that run was made take the value that reproduces how it ran (``config.LEGACY_DEFAULTS``, else the
+    key's default), and ``RESUME_IGNORED_KEYS`` are dropped."""
+    merged = {**TrainConfig().to_dict(), **LEGACY_DEFAULTS, **saved}
     return {k: v for k, v in merged.items() if k not in RESUME_IGNORED_KEYS}
 
 
@@ -144,6 +152,7 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     """
     set_seed(cfg.seed + task_index)  # same state at each task start, also after a resume
     method.before_task(model, task_index, data.train_rows)
+    start_factors = adapter_change.snapshot(model, method.trained_adapter())
     groups = [g for g in method.param_groups(model) if g["params"]]
     n_trainable = sum(p.numel() for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -225,6 +234,8 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
                 accelerator.log({"train/loss": ce_mean, "train/extra_loss": step_extra,
                                  "train/learning_rate": optimizer.param_groups[0]["lr"],
                                  "train/samples_per_second": samples / elapsed, "train/task": task_index + 1,
+                                 **adapter_change.change_logs(adapter_change.relative_change(
+                                     accelerator.unwrap_model(model), start_factors)),
                                  **logs}, step=global_step)
     bar.close()
     accelerator.gradient_state._set_sync_gradients(True)
@@ -233,13 +244,15 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     own_batches = DataLoader(data.train_features, batch_size=cfg.per_device_train_batch_size, shuffle=False,
                              collate_fn=lambda b: collate_train(b, pad_token_id))
     method.after_task(model, task_index, own_batches)
+    change = adapter_change.relative_change(model, start_factors)
     seconds = time.perf_counter() - start
     accelerator.free_memory()
     stats = {"train_seconds": seconds, "optimizer_steps": total_steps, "train_samples": samples,
              "samples_per_second": samples / seconds if seconds > 0 else 0.0,
              "final_loss": losses[-1] if losses else None,
              "mean_loss": sum(losses) / len(losses) if losses else None,
-             "trainable_parameters": n_trainable, "skipped_nonfinite_steps": skipped}
+             "trainable_parameters": n_trainable, "skipped_nonfinite_steps": skipped,
+             "relative_change": change}
     return global_step, stats
 
 
@@ -308,7 +321,7 @@ def run(cfg: TrainConfig) -> dict:
         "average_accuracy": None, "backward_transfer": None, "average_rouge1": None,
         "zero_shot": None, "per_task": [], "truncated_rows": {d.task.name: {"train": d.truncated_train, "test": d.truncated_test} for d in datas},
         "dropped_rows_without_gold_label": {d.task.name: d.dropped for d in datas if any(d.dropped.values())},
-        "config": cfg.to_dict(),
+        "eval_split": cfg.eval_split, "config": cfg.to_dict(),
     }
     global_step = 0
     start_task = 0

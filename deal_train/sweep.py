@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from .cli import build_parser, quiet_libraries, run_cli
 from .compare import format_duration, format_pct, run_or_read, run_summary
-from .config import ConfigError, TrainConfig, coerce_value, config_fields, validate
+from .config import PROFILES, ConfigError, TrainConfig, coerce_value, config_fields, validate
 from .outputs import atomic_write_json, atomic_write_text
 
 SWEEP_MD = "sweep.md"
@@ -104,7 +104,9 @@ def point_configs(base: TrainConfig, grid: Grid) -> list[tuple[str, dict[str, An
             raise ConfigError(f"Grid points {seen[name]} and {settings} share the directory name {name!r}; "
                               f"give values that differ after replacing characters outside A-Za-z0-9_.=,-")
         seen[name] = settings
-        cfg = dataclasses.replace(base, output_dir=os.path.join(base.output_dir, name), **settings)
+        # a swept deal_profile brings its preset's values, under the point's own settings
+        preset = PROFILES[settings["deal_profile"]] if "deal_profile" in settings else {}
+        cfg = dataclasses.replace(base, output_dir=os.path.join(base.output_dir, name), **{**preset, **settings})
         try:
             validate(cfg)
         except ConfigError as err:
@@ -120,8 +122,10 @@ def sweep_markdown(base: TrainConfig, grid: Grid, tasks: list[str], rows: list[d
         "## Sweep over " + ", ".join(f"`{k}`" for k in keys),
         "",
         f"Method `{base.method}`; model `{base.model}`; tasks {' → '.join(tasks)}; seed {base.seed}; at most "
-        f"{base.max_train_samples or 'all'} training and {base.max_test_samples or 'all'} test rows per task; "
-        f"LoRA rank {base.lora_rank} on {', '.join(base.target_modules)}; {base.num_train_epochs} epoch(s) per "
+        f"{base.max_train_samples or 'all'} training rows per task; scored on "
+        + (f"{base.validation_rows} validation rows per task (carved from the training files, never trained on); "
+           if base.eval_split == "validation" else f"at most {base.max_test_samples or 'all'} test rows per task; ")
+        + f"LoRA rank {base.lora_rank} on {', '.join(base.target_modules)}; {base.num_train_epochs} epoch(s) per "
         f"task (values of the swept keys as in each row).",
         "",
         "| " + " | ".join(keys) + " | AA (%) | BWT (%) | Trainable params | Trainable params (tasks 2+) | "

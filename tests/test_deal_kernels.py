@@ -30,13 +30,15 @@ def test_registry_matches_the_config_choices():
 def _perturb(method, scale=0.3, seed=3):
     torch.manual_seed(seed)
     with torch.no_grad():
-        for p in method.deal_parameters():
+        for p in [*method.deal_parameters(), *method.residual_parameters()]:
             p.add_(torch.randn_like(p) * scale)
 
 
 K2_GELU = dict(deal_layers=2, deal_activation_retention="gelu")
 CASES = ([pytest.param(k, u, {}, id=f"{k}-{u}-K1") for k in ALL_KERNELS for u in ("both", "A", "B")]
-         + [pytest.param(k, "both", K2_GELU, id=f"{k}-both-K2gelu") for k in ALL_KERNELS])
+         + [pytest.param(k, "both", K2_GELU, id=f"{k}-both-K2gelu") for k in ALL_KERNELS]
+         + [pytest.param(k, u, {"deal_residual_update": True}, id=f"{k}-{u}-residual")
+            for k in ALL_KERNELS for u in ("both", "A")])
 
 
 @pytest.mark.parametrize("kernel,update,stack", CASES)

@@ -80,6 +80,27 @@ def sample_rows(rows: list[dict], max_samples: int, seed: int) -> list[dict]:
     return rows[:max_samples] if max_samples > 0 else rows
 
 
+def split_validation(rows: list[dict], validation_rows: int, task_name: str) -> tuple[list[dict], list[dict]]:
+    """Carve a validation split from a task's training rows: (validation, remaining training rows).
+
+    The choice depends only on the task name and the file's rows, not on the run's seed, so every run and
+    every sweep point scores the same validation rows; the remaining rows keep their file order (the run's
+    seeded ``sample_rows`` picks from them).
+
+    Raises:
+        ConfigError: ``validation_rows`` would leave fewer than one training row.
+    """
+    if validation_rows <= 0:
+        return [], list(rows)
+    if validation_rows >= len(rows):
+        raise ConfigError(f"Task '{task_name}': validation_rows = {validation_rows} leaves no training rows "
+                          f"(the training file has {len(rows)}). Lower validation_rows.")
+    order = list(range(len(rows)))
+    random.Random(f"validation:{task_name}").shuffle(order)
+    chosen = set(order[:validation_rows])
+    return [rows[i] for i in sorted(chosen)], [r for i, r in enumerate(rows) if i not in chosen]
+
+
 @dataclass
 class Encoder:
     """Turns (task, row) into token ids for a decoder-only model.

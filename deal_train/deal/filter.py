@@ -116,6 +116,8 @@ class DEALFactor(nn.Module):
         kernel: the retention kernel (``deal_kernel``: heat, xexp, spline, haar).
         layers: K retention layers (``deal_layers``); retention_activation: δ between them.
         sigma_base: sigma_j = sigma_base · 2^-j (``deal_sigma_base``).
+        residual: add a trainable residual R (n × r, zero at start): O = MLP(X̂) + R (``deal_residual_update``;
+            ours, not the paper's).
 
     ``forward`` ignores its input (the frozen original weight) and returns O (or Oᵀ for A) in the
     weight's dtype and layout, so ``parametrize`` can fold it with ``leave_parametrized=True``.
@@ -123,18 +125,20 @@ class DEALFactor(nn.Module):
 
     def __init__(self, weight: torch.Tensor, transpose: bool, num_scales: int, hidden: int, activation: str,
                  kernel: str = "heat", layers: int = 1, retention_activation: str = "identity",
-                 sigma_base: float = 0.5):
+                 sigma_base: float = 0.5, residual: bool = False):
         super().__init__()
         self.transpose = transpose
         history = weight.detach().t() if transpose else weight.detach()
         self.register_buffer("history", history.float().clone())
         self.retention = RetentionStack(self.history, kernel, num_scales, sigma_base, layers, retention_activation)
         self.update = UpdateMLP(history.shape[1], hidden, activation)
+        self.residual = nn.Parameter(torch.zeros_like(self.history)) if residual else None
         self._out_dtype = weight.dtype
 
     def factor(self) -> torch.Tensor:
         """O, shape (n, r), float32."""
-        return self.update(self.retention(self.history))
+        out = self.update(self.retention(self.history))
+        return out if self.residual is None else out + self.residual
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         out = self.factor()
@@ -148,6 +152,10 @@ class DEALFactor(nn.Module):
     def update_parameters(self) -> list[nn.Parameter]:
         """θ2 = {W1, b1, W2, b2} of Eq. 12."""
         return list(self.update.parameters())
+
+    def residual_parameters(self) -> list[nn.Parameter]:
+        """[R] with ``residual=True``, else []. Not part of θ1/θ2; the drift penalty covers it."""
+        return [] if self.residual is None else [self.residual]
 
     def drift(self) -> torch.Tensor:
         """||O - Y||²_F / ||Y||²_F (scalar; denominator clamped at 1e-12 for an all-zero history)."""

@@ -68,6 +68,10 @@ class ContinualMethod:
         """Prepare the model for training task ``task_index`` (0-based)."""
         self.task_index = task_index
 
+    def trained_adapter(self) -> str:
+        """The PEFT adapter whose LoRA factors the current task trains (its movement is logged). Default: ``default``."""
+        return "default"
+
     def param_groups(self, model: PeftModel) -> list[dict]:
         """Optimizer parameter groups: every parameter with ``requires_grad``, at ``learning_rate``."""
         params = [p for p in model.parameters() if p.requires_grad]

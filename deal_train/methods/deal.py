@@ -27,7 +27,8 @@ class DEAL(ContinualMethod):
     ``deal_activation`` (of the update MLP),
     ``deal_update`` (both/A/B), ``deal_lambda_retention`` / ``deal_norm_retention`` (λ1, a),
     ``deal_lambda_update`` / ``deal_norm_update`` (λ2, b), ``deal_reg_target`` (delta/raw),
-    ``deal_reg_form`` (norm/power), ``deal_lambda_drift``.
+    ``deal_reg_form`` (norm/power), ``deal_lambda_drift``, ``deal_residual_update`` (our residual R; its
+    parameters train at ``learning_rate``).
     """
 
     name = "deal"
@@ -53,7 +54,7 @@ class DEAL(ContinualMethod):
                                     hidden=cfg.deal_mlp_hidden, activation=cfg.deal_activation,
                                     kernel=cfg.deal_kernel, layers=cfg.deal_layers,
                                     retention_activation=cfg.deal_activation_retention,
-                                    sigma_base=cfg.deal_sigma_base)
+                                    sigma_base=cfg.deal_sigma_base, residual=cfg.deal_residual_update)
                 factor.to(linear.weight.device)
                 attach(linear, "weight", factor)
                 self.factors.append(factor)
@@ -62,12 +63,21 @@ class DEAL(ContinualMethod):
 
     def deal_parameters(self) -> list[torch.nn.Parameter]:
         """All retention and update parameters of the current task (empty on task 0)."""
-        return [p for f in self.factors for p in f.parameters()]
+        return [p for f in self.factors for p in (*f.retention_parameters(), *f.update_parameters())]
+
+    def residual_parameters(self) -> list[torch.nn.Parameter]:
+        """The residuals R of ``deal_residual_update`` (empty when it is off or on task 0)."""
+        return [p for f in self.factors for p in f.residual_parameters()]
 
     def param_groups(self, model: PeftModel) -> list[dict]:
+        """Task 0: LoRA at ``learning_rate``. Later tasks: θ1, θ2 at ``deal_learning_rate``, residuals at
+        ``learning_rate`` (they move factor entries directly, as LoRA's own parameters do)."""
         if self.task_index == 0:
             return super().param_groups(model)
-        return [{"params": self.deal_parameters(), "lr": self.cfg.deal_learning_rate}]
+        groups = [{"params": self.deal_parameters(), "lr": self.cfg.deal_learning_rate}]
+        if self.residual_parameters():
+            groups.append({"params": self.residual_parameters(), "lr": self.cfg.learning_rate})
+        return groups
 
     def regularisation(self) -> tuple[torch.Tensor, dict[str, float]]:
         """λ1 Σ||θ1 − θ1₀||_a + λ2 Σ||θ2 − θ2₀||_b (Eq. 12, or the raw ||θ|| form) + λ_drift Σ drift."""

@@ -50,6 +50,9 @@ class OLoRA(ContinualMethod):
             names.append(task_adapter(len(names)))
         return names
 
+    def trained_adapter(self) -> str:
+        return task_adapter(self.task_index)
+
     def before_task(self, model: PeftModel, task_index: int, train_rows=None) -> None:
         """Add adapter ``task_<t>`` (t > 0), activate all adapters, and leave only the new one trainable.
 

@@ -27,6 +27,9 @@ class PerTaskFT(ContinualMethod):
     def wrap(self, base_model: torch.nn.Module) -> PeftModel:
         return get_peft_model(base_model, self.lora_config(), adapter_name=task_adapter(0))
 
+    def trained_adapter(self) -> str:
+        return task_adapter(self.task_index)
+
     def before_task(self, model: PeftModel, task_index: int, train_rows=None) -> None:
         """Add adapter ``task_<t>`` (t > 0) and make it the only active, trainable one."""
         super().before_task(model, task_index, train_rows)
