@@ -19,7 +19,7 @@ import sys
 from typing import Sequence
 
 from .cli import build_parser, quiet_libraries, run_cli
-from .config import ConfigError, TrainConfig, validate
+from .config import PROFILES, ConfigError, TrainConfig, validate
 from .loop import METRICS_FILE, comparable_config, run
 from .methods import METHODS
 from .outputs import atomic_write_json, atomic_write_text, plot_average_accuracy
@@ -30,15 +30,19 @@ COMPARISON_PNG = "comparison.png"
 
 
 def parse_methods(text: str) -> list[str]:
-    """``deal,seq_lora`` -> ``["deal", "seq_lora"]``.
+    """``deal,deal:paper,seq_lora`` -> ``["deal", "deal:paper", "seq_lora"]``.
+
+    An entry is a method name, or ``deal:<profile>`` for DEAL with a ``deal_profile`` preset (``deal:paper``).
 
     Raises:
-        ConfigError: empty, an unknown method name, or a name given twice.
+        ConfigError: empty, an unknown method name or profile, or an entry given twice.
     """
     names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
+    unknown = [m for m in names if m.partition(":")[0] not in METHODS
+               or (":" in m and (m.partition(":")[0] != "deal" or m.partition(":")[2] not in PROFILES))]
     if not names or unknown:
-        raise ConfigError(f"--methods {text!r}: give a comma-separated list of {', '.join(METHODS)}"
+        raise ConfigError(f"--methods {text!r}: give a comma-separated list of {', '.join(METHODS)} (or "
+                          f"deal:<profile> with a profile of {', '.join(PROFILES)})"
                           + (f" (unknown: {', '.join(unknown)})." if unknown else "."))
     if len(set(names)) != len(names):
         raise ConfigError(f"--methods {text!r} names a method twice.")
@@ -46,8 +50,12 @@ def parse_methods(text: str) -> list[str]:
 
 
 def method_config(base: TrainConfig, method: str) -> TrainConfig:
-    """``base`` with ``method`` set and ``output_dir`` = ``<base.output_dir>/<method>``."""
-    cfg = dataclasses.replace(base, method=method, output_dir=os.path.join(base.output_dir, method))
+    """``base`` with ``method`` set and ``output_dir`` = ``<base.output_dir>/<method>``; for ``deal:<profile>``,
+    method ``deal`` with that profile's preset values and ``output_dir`` ``<base.output_dir>/deal-<profile>``."""
+    name, _, profile = method.partition(":")
+    preset = {**PROFILES[profile], "deal_profile": profile} if profile else {}
+    cfg = dataclasses.replace(base, method=name, output_dir=os.path.join(base.output_dir, method.replace(":", "-")),
+                              **preset)
     validate(cfg)
     return cfg
 
@@ -164,7 +172,10 @@ def comparison_markdown(base: TrainConfig, tasks: list[str], rows: list[dict], p
         "## Continual-learning methods compared",
         "",
         f"Model `{base.model}`; tasks {sequence}; seed {base.seed}; at most {base.max_train_samples or 'all'} "
-        f"training and {base.max_test_samples or 'all'} test rows per task; LoRA rank {base.lora_rank} "
+        f"training rows per task; scored on "
+        + (f"{base.validation_rows} validation rows per task; " if base.eval_split == "validation"
+           else f"at most {base.max_test_samples or 'all'} test rows per task; ")
+        + f"LoRA rank {base.lora_rank} "
         f"(alpha {base.lora_alpha:g}) on {', '.join(base.target_modules)}; AdamW lr {base.learning_rate:g}, "
         f"batch {base.per_device_train_batch_size} × {base.gradient_accumulation_steps} accumulation, "
         f"{base.num_train_epochs} epoch(s) per task.",
@@ -208,8 +219,8 @@ def compare(base: TrainConfig, methods: Sequence[str]) -> dict:
         ConfigError: invalid settings, or a finished run with other settings in a method's directory.
     """
     cfgs = [method_config(base, m) for m in methods]
-    all_metrics, peak_reset = run_or_read(cfgs, [cfg.method for cfg in cfgs])
-    rows = [summary_row(cfg.method, metrics, cfg.output_dir) for cfg, metrics in zip(cfgs, all_metrics)]
+    all_metrics, peak_reset = run_or_read(cfgs, list(methods))
+    rows = [summary_row(label, metrics, cfg.output_dir) for label, cfg, metrics in zip(methods, cfgs, all_metrics)]
     tasks = all_metrics[0]["tasks"]
     shared = {k: v for k, v in base.to_dict().items() if k not in ("method", "output_dir", "overwrite_output_dir")}
     result = {"tasks": tasks, "config": shared, "methods": rows}

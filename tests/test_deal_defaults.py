@@ -154,3 +154,18 @@ def test_relative_change_lands_in_metrics(finished_run):
     assert changes[1]["A"] > 0 and changes[1]["B"] > 0 and changes[1]["delta_w"] > 0
     saved = json.load(open(f"{cfg.output_dir}/metrics.json"))
     assert saved["per_task"][1]["relative_change"] == pytest.approx(changes[1])
+
+
+def test_compare_takes_a_deal_profile_entry(tmp_path):
+    from deal_train.compare import method_config, parse_methods
+
+    assert parse_methods("deal,deal:paper,seq_lora") == ["deal", "deal:paper", "seq_lora"]
+    for bad in ("deal:nope", "seq_lora:paper"):
+        with pytest.raises(ConfigError, match="deal:<profile>"):
+            parse_methods(bad)
+    base = TrainConfig(deal_lambda_drift=2.0, output_dir=str(tmp_path))
+    paper = method_config(base, "deal:paper")
+    assert (paper.method, paper.deal_profile, paper.deal_lambda_drift, paper.deal_reg_target) == \
+        ("deal", "paper", 0.0, "raw")
+    assert paper.output_dir == str(tmp_path / "deal-paper")
+    assert method_config(base, "deal").deal_lambda_drift == 2.0
