@@ -71,6 +71,25 @@ def stage_table(title: str, result: dict, incumbent: dict | None, cfg) -> str:
     return "\n".join(lines)
 
 
+def mechanism_table(runs: list[tuple[str, str]]) -> str:
+    """Per run: how far each later task moved the adapter (relative Frobenius change of ΔW = BA, and of A and B)
+    next to the forgetting it caused (drop of each earlier task's accuracy over that task)."""
+    lines = ["| run | task | ΔW moved | A moved | B moved | accuracy change of earlier tasks over this task |",
+             "|---|---|---:|---:|---:|---|"]
+    for label, out in runs:
+        with open(os.path.join(out, "metrics.json"), encoding="utf-8") as fh:
+            m = json.load(fh)
+        acc = m["accuracy_matrix"]
+        for t, p in enumerate(m["per_task"]):
+            if t == 0 or "relative_change" not in p:
+                continue
+            ch = p["relative_change"]
+            drops = ", ".join(f"{m['tasks'][i]} {acc[i][t] - acc[i][t - 1]:+.1f}" for i in range(t))
+            lines.append(f"| {label} | {t + 1} {p['task']} | {100 * ch['delta_w']:.0f}% | {100 * ch['A']:.0f}% | "
+                         f"{100 * ch['B']:.0f}% | {drops} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 parse_grid(REFERENCE_GRID))
     fixed: dict = {}
     incumbent = None
+    runs = [(f"method={p['settings']['method']}", p["output_dir"]) for p in ref["points"]]
     for i, (title, grid_specs) in enumerate(STAGES, start=1):
         if i not in wanted:
             break
@@ -97,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(stage_table(f"Stage {i}: {title}", result, incumbent, cfg))
         for p in result["points"]:
             p["settings_all"] = {**fixed, **p["settings"]}
+            runs.append((f"stage {i}: " + ", ".join(f"{k}={v}" for k, v in p["settings"].items()), p["output_dir"]))
         candidates = ([incumbent] if incumbent else []) + result["points"]  # a tie keeps the incumbent
         incumbent = best_point(candidates)
         fixed = dict(incumbent["settings_all"])
@@ -133,6 +154,14 @@ next stage. Keys not listed keep the values they had before the search (TrainCon
 ## Stages
 
 """ + "\n\n".join(sections) + f"""
+
+## Mechanism: how far each task moves the adapter, and what that costs earlier tasks
+
+Relative Frobenius change of the adapter over each task after the first (`deal/relative_change/*`, measured on
+the folded factors), next to the change of every earlier task's validation accuracy over the same task
+(negative = forgetting).
+
+""" + mechanism_table(runs) + f"""
 
 ## Winner (the `tuned` profile: `TrainConfig`'s defaults)
 
