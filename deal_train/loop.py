@@ -38,6 +38,8 @@ from .outputs import (atomic_write_dir, atomic_write_json, format_matrix, plot_a
 METRICS_FILE = "metrics.json"
 METHOD_STATE_FILE = "method_state.safetensors"
 """``method.state_dict()`` after a task, written inside that task's adapter directory (when not empty)."""
+METHOD_KEY_PREFIXES = {"deal": "deal_", "o_lora": "o_lora_", "replay": "replay_", "ewc": "ewc_", "lwf": "lwf_"}
+"""Config keys that only one method reads, by prefix."""
 RESUME_IGNORED_KEYS = frozenset({"output_dir", "overwrite_output_dir", "logging_steps", "per_device_eval_batch_size"})
 """Config keys that may differ between a partial run and the command that resumes it."""
 
@@ -109,9 +111,13 @@ def _flat_config(cfg: TrainConfig) -> dict:
 def comparable_config(saved: dict) -> dict:
     """A run's config as saved in ``metrics.json``, ready to compare with another: keys added to TrainConfig
     after that run was made take the value that reproduces how it ran (``config.LEGACY_DEFAULTS``, else the
-    key's default), and ``RESUME_IGNORED_KEYS`` are dropped."""
+    key's default); ``RESUME_IGNORED_KEYS`` and the keys of other methods (``METHOD_KEY_PREFIXES``: a new DEAL
+    default does not make a finished SeqLoRA run stale) are dropped."""
     merged = {**TrainConfig().to_dict(), **LEGACY_DEFAULTS, **saved}
-    return {k: v for k, v in merged.items() if k not in RESUME_IGNORED_KEYS}
+    other = [p for m, p in METHOD_KEY_PREFIXES.items() if m != merged.get("method")]
+    return {k: v for k, v in merged.items()
+            if k not in RESUME_IGNORED_KEYS and not k.startswith(tuple(other))
+            and not (merged.get("method") != "deal" and k == "allow_unordered_norms")}
 
 
 def _check_output_dir(cfg: TrainConfig) -> dict | None:

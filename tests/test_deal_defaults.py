@@ -169,3 +169,12 @@ def test_compare_takes_a_deal_profile_entry(tmp_path):
         ("deal", "paper", 0.0, "raw")
     assert paper.output_dir == str(tmp_path / "deal-paper")
     assert method_config(base, "deal").deal_lambda_drift == 2.0
+
+
+def test_other_methods_keys_do_not_make_a_run_stale():
+    seq = TrainConfig(method="seq_lora").to_dict()
+    assert comparable_config(seq) == comparable_config({**seq, "deal_lambda_drift": 5.0, "ewc_lambda": 1.0})
+    assert comparable_config(seq) != comparable_config({**seq, "learning_rate": 1.0})
+    deal = TrainConfig(method="deal").to_dict()
+    assert comparable_config(deal) != comparable_config({**deal, "deal_lambda_drift": 5.0})
+    assert comparable_config(deal) == comparable_config({**deal, "ewc_lambda": 1.0})
