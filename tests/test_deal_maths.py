@@ -15,8 +15,9 @@ from deal_train.methods.deal import lora_layers
 
 
 def _cfg(**kw) -> TrainConfig:
+    # the paper's parts alone (our residual update has its own tests in test_deal_defaults.py)
     base = dict(method="deal", model="tiny-random-llama", lora_rank=4, lora_alpha=8.0, deal_scales=3,
-                deal_mlp_hidden=8)
+                deal_mlp_hidden=8, deal_residual_update=False)
     base.update(kw)
     return TrainConfig(**base)
 
