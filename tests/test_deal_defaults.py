@@ -117,8 +117,10 @@ def test_residual_trains_at_the_lora_learning_rate_and_is_held_by_drift(tiny_mod
         residuals[0].add_(0.1)
     _, logs = method.extra_loss(model, None, model(input_ids=ids))
     assert logs["deal/drift"] > 0  # the drift penalty sees the residual
+    from deal_train.models import load_model, load_tokenizer
+
     without = _cfg(deal_residual_update=False)
-    m2, model2 = _history_model(tiny_model, without)
+    m2, model2 = _history_model(load_model("tiny-random-llama", load_tokenizer("tiny-random-llama")), without)
     m2.before_task(model2, 1)
     assert len(m2.param_groups(model2)) == 1 and not m2.residual_parameters()
 
