@@ -411,6 +411,10 @@ class StepCheckpointer:
                           os.path.join(tmp, METHOD_STATE_FILE))
             atomic_write_json(os.path.join(tmp, TRAINER_STATE_FILE),
                               {"format": FORMAT_VERSION, "progress": progress.to_json(), "config": self.run_config})
+            umask = os.umask(0)
+            os.umask(umask)
+            for name in os.listdir(tmp):  # some writers create 0600 files; give them the usual permissions
+                os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
             write_manifest(tmp)
             if os.path.isdir(final):  # same step again (a stop after skipped steps): the new one supersedes it
                 old = os.path.join(self.root, ".old-" + name)

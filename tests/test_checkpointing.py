@@ -17,8 +17,11 @@ import pytest
 
 from deal_train.checkpointing import (CHECKPOINTS_DIR, StepCheckpointer, StopSignals, TrainingStopped,
                                       list_checkpoints, verify_checkpoint)
-from deal_train.cli import run_cli
-from deal_train.loop import run
+from deal_train.cli import build_parser, config_from_args, run_cli
+from deal_train.data import Encoder
+from deal_train.loop import prepare_data, run, tokenise
+from deal_train.methods import get_method
+from deal_train.models import load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--method", "deal", "--model", "tiny-random-llama", "--tasks", "agnews,amazon", "--max_train_samples", "6",
@@ -97,6 +100,14 @@ def test_same_config_and_seed_give_identical_adapter_and_metrics(reference, kill
     assert [row[0] for row in metrics["rouge1_matrix"]] == [row[0] for row in ref_metrics["rouge1_matrix"]]
     assert metrics["truncated_rows"] == ref_metrics["truncated_rows"]
     assert ref_metrics["per_task"][0]["mean_loss"] > 0
+    # the truncation counts reported are those of the rows trained and evaluated
+    cfg = config_from_args(build_parser().parse_args(ARGS))
+    datas = prepare_data(cfg)
+    tokenise(datas, Encoder(load_tokenizer(cfg.model), cfg.max_source_length, cfg.max_target_length, True),
+             get_method(cfg))
+    assert metrics["truncated_rows"] == {d.task.name: {"train": d.truncated_train, "test": d.truncated_test}
+                                         for d in datas}
+    assert metrics["truncated_rows"]["amazon"]["train"] > 0
 
 
 def test_sigkill_while_writing_a_checkpoint_in_task_2_then_resume_gives_the_same_run(reference, killed, capsys):

@@ -143,6 +143,7 @@ def test_time_limit_signal_checkpoints_a_real_run_and_requeues(tmp_path):
     text = (tmp_path / "job.out").read_text()
     assert code != 0, text[-3000:]
     assert "stopped: Stopped on SIGUSR1 in task 1 (agnews) after optimizer step" in text
+    assert "task amazon: " in text and "prompts were longer than max_source_length=160 tokens" in text
     assert (tmp_path / "slurm.log").read_text() == "requeue 4242\n"
     (_t, step, path), = list_checkpoints(str(out / CHECKPOINTS_DIR))[0]
     assert verify_checkpoint(path)["progress"]["global_step"] == step < 40  # stopped early, checkpoint intact
