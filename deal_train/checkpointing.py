@@ -387,6 +387,7 @@ class StepCheckpointer:
         if due or stop:
             path = self.save(progress)
         if stop:
+            self.accelerator.end_training()  # flush the trackers (TensorBoard) before the process exits
             raise TrainingStopped(
                 f"Stopped on {signal.Signals(stop).name} in task {progress.task_index + 1} ({task_name}) after "
                 f"optimizer step {progress.global_step}; checkpoint saved in {path}. Rerun the same command to "
@@ -448,6 +449,7 @@ class StepCheckpointer:
         """
         stop = self.stop_requested()
         if stop:
+            self.accelerator.end_training()
             raise TrainingStopped(f"Stopped on {signal.Signals(stop).name} before task {completed_tasks + 1} of "
                                   f"{total}; the {completed_tasks} finished task(s) are saved. Rerun the same command "
                                   f"to resume.", stop)

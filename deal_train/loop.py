@@ -4,7 +4,9 @@
 ``method.before_task`` -> AdamW (constant LR) over ``method.param_groups`` -> micro batches (the task's rows
 plus ``method.replay_rows``) with gradient accumulation and clipping -> ``method.after_task`` -> save a plain
 PEFT adapter and ``method.state_dict`` -> evaluate every task seen so far -> write ``metrics.json``
-(atomically). A rerun of the same command resumes after the last finished task.
+(atomically). Inside a task, step checkpoints (``checkpoint_every_steps``, and on SIGINT/SIGTERM/SIGUSR1) are
+written by ``deal_train.checkpointing``. A rerun of the same command resumes from the newest step checkpoint of
+the unfinished task, else after the last finished task.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from transformers import enable_full_determinism
 from datasets import concatenate_datasets
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import enable_full_determinism
 
 from .checkpointing import StepCheckpointer, StopSignals, TaskProgress
 from .config import ConfigError, TrainConfig
@@ -314,7 +316,7 @@ def run(cfg: TrainConfig) -> dict:
         TrainingError: repeated non-finite losses.
         TrainingStopped: a stop signal arrived; progress is saved (``exit_code`` = 128 + signal number).
     """
-    with StopSignals() as signals:
+    with StopSignals(announce=os.environ.get("LOCAL_RANK", "0") == "0") as signals:
         return _run(cfg, signals)
 
 
