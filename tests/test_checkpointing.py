@@ -49,11 +49,34 @@ def _outputs(out: pathlib.Path) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run: (metrics without timings, adapter bytes)."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    assert run_cli(run, [*ARGS, "--output_dir", str(out)]) == 0
-    return _outputs(out)
+def runs(tmp_path_factory):
+    """Two runs of the same config at the same time (the machine's cores are used by both): an uninterrupted run
+    in this process, and a separate process (the CLI, checkpoint every step) SIGKILLed while it writes its second
+    checkpoint of task 2. Returns ((metrics without timings, adapter bytes), (killed output dir, argv, process))."""
+    killed_out = tmp_path_factory.mktemp("killed") / "run"
+    argv = [*ARGS, "--checkpoint_every_steps", "1", "--output_dir", str(killed_out)]
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        out = tmp_path_factory.mktemp("reference") / "run"
+        assert run_cli(run, [*ARGS, "--output_dir", str(out)]) == 0
+        _stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return _outputs(out), (killed_out, argv, subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr))
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    """The uninterrupted run: (metrics without timings, adapter bytes)."""
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def killed(runs):
+    """The SIGKILLed process: (output dir, argv, completed process)."""
+    return runs[1]
 
 
 KILLER = """
@@ -76,17 +99,6 @@ def write_manifest_then_die(directory):
 checkpointing.write_manifest = write_manifest_then_die
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def killed(tmp_path_factory):
-    """A separate process (the CLI, checkpoint every step) SIGKILLed while it writes its second checkpoint of task 2:
-    (output dir, argv, completed process)."""
-    out = tmp_path_factory.mktemp("killed") / "run"
-    argv = [*ARGS, "--checkpoint_every_steps", "1", "--output_dir", str(out)]
-    proc = subprocess.run([sys.executable, "-c", KILLER, *argv], capture_output=True, text=True, cwd=REPO,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
-    return out, argv, proc
 
 
 def test_same_config_and_seed_give_identical_adapter_and_metrics(reference, killed):
