@@ -92,7 +92,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_cli(main: Callable[[TrainConfig], Any], argv: Sequence[str] | None = None, prog: str = "deal_train",
             parser: argparse.ArgumentParser | None = None) -> int:
-    """Parse ``argv``, build the config and call ``main(cfg)``; turn user errors into exit code 2."""
+    """Parse ``argv``, build the config and call ``main(cfg)``; returns the exit code: 0 done, 2 bad input
+    (``ConfigError``), 1 ``TrainingError``, 128 + signal number when a signal stopped training after a checkpoint
+    (``TrainingStopped``: 130 SIGINT, 143 SIGTERM, 138 SIGUSR1), 130 on a second Ctrl-C."""
     parser = parser or build_parser(prog)
     args = parser.parse_args(argv)
     try:
@@ -104,15 +106,19 @@ def run_cli(main: Callable[[TrainConfig], Any], argv: Sequence[str] | None = Non
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
+        from .checkpointing import TrainingStopped
         from .loop import TrainingError
 
+        if isinstance(err, TrainingStopped) and not args.debug:
+            print(f"\nstopped: {err}", file=sys.stderr)
+            return err.exit_code
         if args.debug or not isinstance(err, TrainingError):
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("Interrupted. Finished tasks are saved in the output directory; rerun the same command to resume.",
-              file=sys.stderr)
+        print("Interrupted. Finished tasks and step checkpoints are saved in the output directory; rerun the same "
+              "command to resume.", file=sys.stderr)
         return 130
     return 0
 

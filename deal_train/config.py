@@ -51,6 +51,10 @@ class TrainConfig:
     model: str = _f("smollm2-135m-instruct",
                     "Hugging Face id or local directory, or an alias: smollm2-135m-instruct, tiny-random-llama.")
     chat_template: bool = _f(True, "Wrap the prompt in the tokenizer's chat template (when it has one).")
+    trust_remote_code: bool = _f(False, "Allow a model directory or Hub id to run its own Python code "
+                                        "(transformers' trust_remote_code). Only for models you trust.")
+    allow_pickle_weights: bool = _f(False, "Allow loading model weights from pickle-based files (pytorch_model.bin, "
+                                           ".pt), which can run code when read. By default only safetensors load.")
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
@@ -68,6 +72,15 @@ class TrainConfig:
     logging_steps: int = _f(1, "Log train/loss etc. to TensorBoard every N optimizer steps.")
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive optimizer steps with a NaN/inf loss or "
                                      "gradient (each such step is skipped and counted).")
+    checkpoint_every_steps: int = _f(0, "Save a step checkpoint (Accelerate state, adapter, optimizer, RNG and data "
+                                        "position) every N optimizer steps inside a task, under "
+                                        "output_dir/checkpoints; 0: only when stopped by SIGINT/SIGTERM/SIGUSR1 or "
+                                        "non-finite losses. Finished tasks are always saved.")
+    resume_from: str = _f("", "Step checkpoint directory to resume the unfinished task from; empty: the newest "
+                              "valid one under output_dir/checkpoints (rerunning the same command resumes).")
+    full_determinism: bool = _f(False, "Deterministic kernels on GPU (transformers' enable_full_determinism: "
+                                       "torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, cuDNN "
+                                       "deterministic); slower. CPU runs are deterministic without it.")
 
     # --- data --------------------------------------------------------------------------------
     max_train_samples: int = _f(1000, "Training rows per task (at most; 0 = all).")
@@ -243,7 +256,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ["learning_rate", "deal_learning_rate", "deal_sigma_base", "lwf_temperature"]:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
-    for name in ["validation_rows", "max_train_samples", "max_test_samples", "deal_lambda_retention", "deal_lambda_update",
+    for name in ["validation_rows", "checkpoint_every_steps", "max_train_samples", "max_test_samples",
+                 "deal_lambda_retention", "deal_lambda_update",
                  "deal_lambda_drift", "weight_decay", "max_grad_norm", "lora_dropout", "o_lora_lambda_orth",
                  "o_lora_lambda_l2", "replay_samples_per_task", "ewc_lambda", "lwf_weight"]:
         if getattr(cfg, name) < 0:

@@ -4,7 +4,9 @@
 ``method.before_task`` -> AdamW (constant LR) over ``method.param_groups`` -> micro batches (the task's rows
 plus ``method.replay_rows``) with gradient accumulation and clipping -> ``method.after_task`` -> save a plain
 PEFT adapter and ``method.state_dict`` -> evaluate every task seen so far -> write ``metrics.json``
-(atomically). A rerun of the same command resumes after the last finished task.
+(atomically). Inside a task, step checkpoints (``checkpoint_every_steps``, and on SIGINT/SIGTERM/SIGUSR1) are
+written by ``deal_train.checkpointing``. A rerun of the same command resumes from the newest step checkpoint of
+the unfinished task, else after the last finished task.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from datasets import concatenate_datasets
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import enable_full_determinism
 
 from . import adapter_change
+from .checkpointing import StepCheckpointer, StopSignals, TaskProgress
 from .config import LEGACY_DEFAULTS, ConfigError, TrainConfig
 from .data import Encoder, collate_train, load_task, read_rows, sample_rows, split_validation, task_sequence
 from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
@@ -40,7 +44,8 @@ METHOD_STATE_FILE = "method_state.safetensors"
 """``method.state_dict()`` after a task, written inside that task's adapter directory (when not empty)."""
 METHOD_KEY_PREFIXES = {"deal": "deal_", "o_lora": "o_lora_", "replay": "replay_", "ewc": "ewc_", "lwf": "lwf_"}
 """Config keys that only one method reads, by prefix."""
-RESUME_IGNORED_KEYS = frozenset({"output_dir", "overwrite_output_dir", "logging_steps", "per_device_eval_batch_size"})
+RESUME_IGNORED_KEYS = frozenset({"output_dir", "overwrite_output_dir", "logging_steps", "per_device_eval_batch_size",
+                                 "checkpoint_every_steps", "resume_from"})
 """Config keys that may differ between a partial run and the command that resumes it."""
 
 
@@ -149,12 +154,21 @@ def _check_output_dir(cfg: TrainConfig) -> dict | None:
 
 
 def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: TaskData, cfg: TrainConfig,
-               task_index: int, global_step: int, pad_token_id: int) -> tuple[int, dict]:
+               task_index: int, global_step: int, pad_token_id: int,
+               checkpoints: StepCheckpointer | None = None) -> tuple[int, dict]:
     """Train one task for ``num_train_epochs``; returns the new global step and the task's statistics.
 
     Loss per optimizer step = (sum of answer-token CE over the accumulation window) / (answer tokens in
     the window, over all processes) + the method's extra loss, so micro batch × accumulation gives the
     same gradient as one large batch whatever the answer lengths.
+
+    With ``checkpoints``, the task starts from its pending step checkpoint (if any), a checkpoint is written
+    every ``checkpoint_every_steps`` optimizer steps, and a stop signal checkpoints and raises
+    ``TrainingStopped`` (``deal_train.checkpointing``).
+
+    Raises:
+        TrainingError: ``max_nonfinite_steps`` consecutive steps had a non-finite loss or gradient (a checkpoint
+            is written first when ``checkpoints`` is given).
     """
     set_seed(cfg.seed + task_index)  # same state at each task start, also after a resume
     method.before_task(model, task_index, data.train_rows)
@@ -174,15 +188,16 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     steps_per_epoch = math.ceil(len(loader) / gas)
     total_steps = steps_per_epoch * cfg.num_train_epochs
     name = data.task.name
-    bar = tqdm(total=total_steps, desc=f"task {task_index + 1} {name}", disable=not accelerator.is_local_main_process,
-               dynamic_ncols=True)
-    start = time.perf_counter()
-    samples = 0
-    losses = []
+    progress = (checkpoints.begin_task(task_index, global_step, method) if checkpoints is not None
+                else TaskProgress(task_index=task_index, global_step=global_step))
+    done = progress.epoch * steps_per_epoch + math.ceil(progress.micro_batches / gas)
+    bar = tqdm(total=total_steps, initial=done, desc=f"task {task_index + 1} {name}",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    start = time.perf_counter() - progress.train_seconds
     params = [p for g in groups for p in g["params"]]
-    nonfinite = skipped = 0
-    for _epoch in range(cfg.num_train_epochs):
-        it = iter(loader)
+    for epoch in range(progress.epoch, cfg.num_train_epochs):
+        it = iter(checkpoints.epoch_batches(loader, generator, progress, epoch) if checkpoints is not None
+                  else loader)
         while True:
             window = []
             for _ in range(gas):
@@ -192,6 +207,7 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
                 window.append(batch)
             if not window:
                 break
+            progress.micro_batches += len(window)
             local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
             window_tokens = int(accelerator.gather(torch.tensor([local_tokens], device=accelerator.device)).sum())
             scale = accelerator.num_processes * gas / max(window_tokens, 1)
@@ -210,39 +226,47 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
                         step_extra += float(extra.detach()) / len(window)
                     accelerator.backward(loss)
                 step_ce += float(ce_sum.detach())
-                samples += batch["input_ids"].shape[0] * accelerator.num_processes
+                progress.samples += batch["input_ids"].shape[0] * accelerator.num_processes
             # gradients are synchronised here, so every process takes the same skip decision
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             ce_mean = step_ce * accelerator.num_processes / max(window_tokens, 1)
             if not (math.isfinite(float(grad_norm)) and math.isfinite(ce_mean) and math.isfinite(step_extra)):
                 optimizer.zero_grad(set_to_none=True)
                 bar.update(1)
-                nonfinite += 1
-                skipped += 1
+                progress.nonfinite += 1
+                progress.skipped += 1
                 accelerator.print(f"task {task_index + 1} {name}: non-finite loss or gradient "
                                   f"(loss {ce_mean}, grad norm {float(grad_norm)}); step skipped "
-                                  f"({nonfinite} in a row)")
-                if nonfinite >= cfg.max_nonfinite_steps:
+                                  f"({progress.nonfinite} in a row)")
+                if progress.nonfinite >= cfg.max_nonfinite_steps:
+                    saved = ""
+                    if checkpoints is not None:
+                        progress.train_seconds = time.perf_counter() - start
+                        saved = (f" The last good state (optimizer step {progress.global_step}, after the skipped "
+                                 f"batches) is checkpointed in {checkpoints.save(progress)}.")
                     raise TrainingError(
-                        f"Task '{name}': {nonfinite} consecutive optimizer steps had a NaN/inf loss or gradient. "
-                        f"Lower learning_rate (or deal_learning_rate), check the data, or use fp32. Tasks finished "
-                        f"before this one are saved in {cfg.output_dir}.")
+                        f"Task '{name}': {progress.nonfinite} consecutive optimizer steps had a NaN/inf loss or "
+                        f"gradient. Lower learning_rate (or deal_learning_rate), check the data, or use fp32. Tasks "
+                        f"finished before this one are saved in {cfg.output_dir}.{saved}")
                 continue
-            nonfinite = 0
+            progress.nonfinite = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            losses.append(ce_mean)
+            progress.global_step += 1
+            progress.losses.append(ce_mean)
             elapsed = time.perf_counter() - start
             bar.update(1)
-            bar.set_postfix(loss=f"{ce_mean:.3f}", samples_s=f"{samples / elapsed:.2f}")
-            if global_step % cfg.logging_steps == 0:
+            bar.set_postfix(loss=f"{ce_mean:.3f}", samples_s=f"{progress.samples / elapsed:.2f}")
+            if progress.global_step % cfg.logging_steps == 0:
                 accelerator.log({"train/loss": ce_mean, "train/extra_loss": step_extra,
                                  "train/learning_rate": optimizer.param_groups[0]["lr"],
-                                 "train/samples_per_second": samples / elapsed, "train/task": task_index + 1,
+                                 "train/samples_per_second": progress.samples / elapsed, "train/task": task_index + 1,
                                  **adapter_change.change_logs(adapter_change.relative_change(
                                      accelerator.unwrap_model(model), start_factors)),
-                                 **logs}, step=global_step)
+                                 **logs}, step=progress.global_step)
+            if checkpoints is not None:
+                progress.train_seconds = time.perf_counter() - start
+                checkpoints.after_step(progress, name)
     bar.close()
     accelerator.gradient_state._set_sync_gradients(True)
     model = accelerator.unwrap_model(model)
@@ -253,13 +277,14 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     change = adapter_change.relative_change(model, start_factors)
     seconds = time.perf_counter() - start
     accelerator.free_memory()
+    losses, samples = progress.losses, progress.samples
     stats = {"train_seconds": seconds, "optimizer_steps": total_steps, "train_samples": samples,
              "samples_per_second": samples / seconds if seconds > 0 else 0.0,
              "final_loss": losses[-1] if losses else None,
              "mean_loss": sum(losses) / len(losses) if losses else None,
-             "trainable_parameters": n_trainable, "skipped_nonfinite_steps": skipped,
+             "trainable_parameters": n_trainable, "skipped_nonfinite_steps": progress.skipped,
              "relative_change": change}
-    return global_step, stats
+    return progress.global_step, stats
 
 
 def evaluate_seen(accelerator, model, method: ContinualMethod | None, tokenizer, datas: list[TaskData], upto: int,
@@ -289,16 +314,32 @@ def save_task_outputs(method: ContinualMethod, model, path: str) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, METHOD_STATE_FILE))
 
 
+def truncation_report(datas: list[TaskData], max_source_length: int) -> list[str]:
+    """One line per task with prompts cut to ``max_source_length`` tokens (counts of training and test rows)."""
+    return [f"task {d.task.name}: {d.truncated_train} of {len(d.train_rows)} training and {d.truncated_test} of "
+            f"{len(d.test_rows)} test prompts were longer than max_source_length={max_source_length} tokens; their "
+            f"sentences were cut (instruction, options and answer kept)"
+            for d in datas if d.truncated_train or d.truncated_test]
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train the configured method on the task sequence; returns the final metrics dict.
 
     Outputs under ``cfg.output_dir``: ``metrics.json``, ``accuracy_matrix.png``, ``predictions/``,
     ``adapters/<k>-<task>/`` (plain PEFT LoRA, plus ``METHOD_STATE_FILE`` for methods with state),
-    ``tensorboard/``.
+    ``tensorboard/``, and step checkpoints under ``checkpoints/`` while a task trains
+    (``deal_train.checkpointing``). SIGINT, SIGTERM and SIGUSR1 checkpoint and stop the run.
 
     Raises:
-        ConfigError: any invalid input, before training starts.
+        ConfigError: any invalid input, before training starts (``CheckpointError``: an unusable checkpoint).
+        TrainingError: repeated non-finite losses.
+        TrainingStopped: a stop signal arrived; progress is saved (``exit_code`` = 128 + signal number).
     """
+    with StopSignals(announce=os.environ.get("LOCAL_RANK", "0") == "0") as signals:
+        return _run(cfg, signals)
+
+
+def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
     datas = prepare_data(cfg)
     resume = _check_output_dir(cfg)
     out = cfg.output_dir
@@ -308,14 +349,19 @@ def run(cfg: TrainConfig) -> dict:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "tensorboard")),
     )
+    if cfg.full_determinism:
+        enable_full_determinism(cfg.seed)
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    base = load_model(cfg.model, tokenizer)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    base = load_model(cfg.model, tokenizer, trust_remote_code=cfg.trust_remote_code,
+                      allow_pickle=cfg.allow_pickle_weights)
     check_target_modules(base, cfg.target_modules)
     chat = cfg.chat_template and getattr(tokenizer, "chat_template", None) is not None
     encoder = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, chat)
     method = get_method(cfg)
     tokenise(datas, encoder, method)
+    for line in truncation_report(datas, cfg.max_source_length):
+        accelerator.print(line)
     names = [d.task.name for d in datas]
     n = len(datas)
     model = method.wrap(base)
@@ -331,6 +377,10 @@ def run(cfg: TrainConfig) -> dict:
     }
     global_step = 0
     start_task = 0
+    checkpoints = StepCheckpointer(accelerator, out, cfg.checkpoint_every_steps, comparable_config(cfg.to_dict()),
+                                   signals)
+    if resume is None:
+        checkpoints.discard_all()  # a fresh start: checkpoints of an earlier run must not be resumed
     if resume is not None and resume.get("completed_tasks", 0) > 0:
         k = resume["completed_tasks"]
         adapters = [os.path.join(out, "adapters", f"{i + 1}-{names[i]}") for i in range(k)]
@@ -356,10 +406,15 @@ def run(cfg: TrainConfig) -> dict:
                                                                  metrics["zero_shot"].items()))
     if accelerator.is_main_process:
         atomic_write_json(os.path.join(out, METRICS_FILE), {**metrics, "global_step": global_step})
+    note = checkpoints.prepare_resume(start_task, cfg.resume_from) if start_task < n else None
+    if note:
+        accelerator.print(note)
 
     for t in range(start_task, n):
         d = datas[t]
-        global_step, stats = train_task(accelerator, model, method, d, cfg, t, global_step, tokenizer.pad_token_id)
+        checkpoints.stop_between_tasks(t, n)
+        global_step, stats = train_task(accelerator, model, method, d, cfg, t, global_step, tokenizer.pad_token_id,
+                                        checkpoints)
         if accelerator.is_main_process:
             atomic_write_dir(os.path.join(out, "adapters", f"{t + 1}-{d.task.name}"),
                              lambda tmp: save_task_outputs(method, model, tmp))
@@ -383,7 +438,9 @@ def run(cfg: TrainConfig) -> dict:
             f" | AA so far {seen_aa:.1f} | train {stats['train_seconds']:.0f}s, eval {stats['eval_seconds']:.0f}s")
         if accelerator.is_main_process:
             atomic_write_json(os.path.join(out, METRICS_FILE), {**metrics, "global_step": global_step})
+        checkpoints.task_finished(t)
 
+    checkpoints.close()
     acc = metrics["accuracy_matrix"]
     metrics["average_accuracy"] = average_accuracy(acc)
     metrics["backward_transfer"] = backward_transfer(acc)

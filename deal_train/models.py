@@ -100,17 +100,50 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_tokenizer(name: str):
-    """The tokenizer for a model id, local directory or alias; pad token set (to EOS if missing).
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""Weight files read with ``pickle`` (which can run code); refused unless ``allow_pickle_weights`` is set."""
+
+
+def _remote_code_message(name: str, err: Exception) -> str | None:
+    if "trust_remote_code" in str(err):
+        return (f"Model '{name}' ships its own Python code, which is not run by default. Pass --trust_remote_code "
+                f"true only if you trust its source.")
+    return None
+
+
+def check_safe_weights(path: str, name: str) -> None:
+    """Refuse a local model directory whose weights exist only as pickle files (``PICKLE_WEIGHT_SUFFIXES``).
 
     Raises:
-        ConfigError: a local path that does not exist, or an id that cannot be loaded offline.
+        ConfigError: naming the files and the two ways on (convert to safetensors, or ``--allow_pickle_weights``).
+    """
+    if not os.path.isdir(path):
+        return
+    files = os.listdir(path)
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(PICKLE_WEIGHT_SUFFIXES))
+    if pickles:
+        raise ConfigError(f"Model '{name}' has only pickle-based weights ({', '.join(pickles)}), which can run code "
+                          f"when loaded. Convert them to safetensors (model.save_pretrained(dir, "
+                          f"safe_serialization=True)), or pass --allow_pickle_weights true if you trust the files.")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer for a model id, local directory or alias; pad token set (to EOS if missing).
+
+    Args:
+        trust_remote_code: let transformers run Python code shipped with the model (off by default).
+    Raises:
+        ConfigError: a local path that does not exist, an id that cannot be loaded offline, or a model that needs
+            its own code while ``trust_remote_code`` is off.
     """
     path = resolve_model_path(name)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"Cannot load the tokenizer of model '{name}': {err}. Use a local directory or an "
+        raise ConfigError(_remote_code_message(name, err) or
+                          f"Cannot load the tokenizer of model '{name}': {err}. Use a local directory or an "
                           f"alias ({SMOLLM2_ALIAS}, {TINY_LLAMA_ALIAS}).") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -127,11 +160,16 @@ def tiny_llama_config(tokenizer) -> LlamaConfig:
     )
 
 
-def load_model(name: str, tokenizer, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               allow_pickle: bool = False) -> PreTrainedModel:
     """The base causal LM for a model id, local directory or alias, in eval mode.
 
+    Weights load from safetensors only, unless ``allow_pickle`` (then transformers may also read
+    ``pytorch_model.bin``); code shipped with the model runs only with ``trust_remote_code``.
+
     Raises:
-        ConfigError: the path does not exist or the model cannot be loaded (offline, bad files).
+        ConfigError: the path does not exist, the model cannot be loaded (offline, bad files), its weights are
+            pickle-only and ``allow_pickle`` is off, or it needs its own code and ``trust_remote_code`` is off.
     """
     if name == TINY_LLAMA_ALIAS:
         with torch.random.fork_rng():
@@ -139,10 +177,13 @@ def load_model(name: str, tokenizer, dtype: torch.dtype = torch.float32) -> PreT
             model = LlamaForCausalLM(tiny_llama_config(tokenizer))
         return model.to(dtype).eval()
     path = resolve_model_path(name)
+    if not allow_pickle:
+        check_safe_weights(path, name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"Cannot load model '{name}': {err}") from None
+        raise ConfigError(_remote_code_message(name, err) or f"Cannot load model '{name}': {err}") from None
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()

@@ -130,3 +130,35 @@ def test_kept_logits_give_the_full_loss(tokenizer, tiny_model, data_dir):
     # and it matches transformers' own mean loss
     hf = tiny_model(**kw, labels=batch["labels"]).loss
     assert torch.allclose(ce_full / n_full, hf, rtol=1e-5)
+
+
+def test_truncated_rows_are_counted_and_reported_per_task(tokenizer, data_dir):
+    from deal_train.config import TrainConfig
+    from deal_train.loop import prepare_data, tokenise, truncation_report
+    from deal_train.methods import get_method
+
+    limit = 120
+    cfg = TrainConfig(model="tiny-random-llama", tasks=["agnews", "amazon"], max_train_samples=20, max_test_samples=10,
+                      max_source_length=limit)
+    datas = prepare_data(cfg)
+    tokenise(datas, Encoder(tokenizer, limit, 50, True), get_method(cfg))
+    uncut = Encoder(tokenizer, 10**6, 50, True)
+    expected = []
+    for d in datas:
+        longer = [len(uncut.encode_prompt(d.task, r["sentence"])[0]) > limit for r in d.train_rows]
+        longer_test = sum(len(uncut.encode_prompt(d.task, r["sentence"])[0]) > limit for r in d.test_rows)
+        assert (d.truncated_train, d.truncated_test) == (sum(longer), longer_test)
+        for row, feat, cut in zip(d.train_rows, d.train_features, longer):
+            n_prompt = sum(1 for x in feat["labels"] if x == IGNORE_INDEX)
+            assert n_prompt <= limit
+            answer = tokenizer.decode([x for x in feat["labels"] if x != IGNORE_INDEX])
+            assert answer == row["label"] + tokenizer.eos_token  # never cut from the answer
+            if cut:
+                prompt = tokenizer.decode(feat["input_ids"][:n_prompt])
+                assert "Option: " + ", ".join(d.task.labels) in prompt and "\nAnswer:" in prompt
+        if sum(longer) or longer_test:
+            expected.append(f"task {d.task.name}: {sum(longer)} of 20 training and {longer_test} of 10 test prompts "
+                            f"were longer than max_source_length={limit} tokens; their sentences were cut "
+                            f"(instruction, options and answer kept)")
+    assert sum(d.truncated_train for d in datas) > 0
+    assert truncation_report(datas, limit) == expected

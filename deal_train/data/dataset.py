@@ -33,8 +33,9 @@ def read_rows(task: Task, split: str, dropped: dict | None = None) -> list[dict]
     Rows labelled ``"-"`` (no gold label) are dropped; their count goes to ``dropped[split]`` if given.
 
     Raises:
-        ConfigError: the file is missing, is not a JSON list, or a row lacks a non-empty sentence or has a
-            label outside ``labels.json`` (the message names the file and the first offending rows).
+        ConfigError: the file is missing, is not a JSON list, a row lacks a non-empty sentence or label or has a
+            label outside ``labels.json`` (the message names the file and the first five offending rows with their
+            0-based index in the file), or no usable row is left.
     """
     path = task.split_path(split)
     if not os.path.isfile(path):
@@ -60,8 +61,10 @@ def read_rows(task: Task, split: str, dropped: dict | None = None) -> list[dict]
             bad.append(f"row {i}: not an object")
         elif not isinstance(row.get("sentence"), str) or not row["sentence"].strip():
             bad.append(f"row {i}: missing or empty 'sentence'")
-        elif row.get("label") not in labels:
-            bad.append(f"row {i}: label {row.get('label')!r} is not in labels.json")
+        elif not isinstance(row.get("label"), str) or not row["label"].strip():
+            bad.append(f"row {i}: missing or empty 'label'")
+        elif row["label"] not in labels:
+            bad.append(f"row {i}: label {row['label']!r} is not in labels.json")
         if len(bad) >= 5:
             break
     if bad:

@@ -11,6 +11,7 @@ Lifecycle for a sequence of T tasks (task_index t = 0 .. T-1)::
         method.after_task(model, t, train_batches)  # fold, estimate statistics, ...
         method.save_adapter(model, dir)             # a plain PEFT adapter after task t
         method.state_dict()                         # tensors a resumed run needs (saved next to the adapter)
+        # step checkpoints inside a task also save the adapter modules and method.task_state_dict()
         for i in range(t + 1):
             with method.eval_adapter(model, i): evaluate task i
 
@@ -120,6 +121,20 @@ class ContinualMethod:
         """
         if state:
             raise ValueError(f"Method {self.name} keeps no state but got keys {sorted(state)[:5]}.")
+
+    def task_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the model's adapter modules that a run resumed in the middle of the current task needs
+        (saved in step checkpoints, restored with ``load_task_state_dict`` after ``before_task``). Default: none."""
+        return {}
+
+    def load_task_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``task_state_dict`` returned.
+
+        Raises:
+            ValueError: ``state`` is not empty (this method keeps no mid-task state).
+        """
+        if state:
+            raise ValueError(f"Method {self.name} keeps no mid-task state but got keys {sorted(state)[:5]}.")
 
     @contextlib.contextmanager
     def eval_adapter(self, model: PeftModel, task_index: int) -> Iterator[None]:

@@ -100,6 +100,29 @@ class DEAL(ContinualMethod):
             return None, {}
         return self.regularisation()
 
+    def task_state_dict(self) -> dict[str, torch.Tensor]:
+        """The start-of-task values of θ1 and θ2 (``retention_start/<i>``, ``update_start/<i>``) that the delta
+        regulariser measures from; the parametrizations themselves (history buffers, θ1, θ2) are adapter-module
+        entries of the model's state and are checkpointed with it."""
+        state = {f"retention_start/{i}": t for i, t in enumerate(self._retention_start)}
+        state.update({f"update_start/{i}": t for i, t in enumerate(self._update_start)})
+        return state if self.factors else {}
+
+    def load_task_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the start-of-task values (after ``before_task`` built the parametrizations).
+
+        Raises:
+            ValueError: the number or shapes of the saved tensors do not match this task's parameters.
+        """
+        ret = [state[f"retention_start/{i}"] for i in range(len(state)) if f"retention_start/{i}" in state]
+        upd = [state[f"update_start/{i}"] for i in range(len(state)) if f"update_start/{i}" in state]
+        if len(ret) + len(upd) != len(state) or [t.shape for t in ret] != [t.shape for t in self._retention_start] \
+                or [t.shape for t in upd] != [t.shape for t in self._update_start]:
+            raise ValueError("DEAL mid-task state does not match this task's retention/update parameters.")
+        device = self.factors[0].history.device if self.factors else None
+        self._retention_start = [t.float().to(device) for t in ret]
+        self._update_start = [t.float().to(device) for t in upd]
+
     def after_task(self, model: PeftModel, task_index: int, train_batches=None) -> None:
         """Fold: A <- O_Aᵀ, B <- O_B in place; the adapter is plain LoRA again (and stays frozen)."""
         if task_index == 0:
