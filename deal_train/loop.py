@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig
-from .data import Encoder, collate_train, load_task, read_rows, sample_rows, task_sequence
+from .data import Encoder, collate_train, encoder_for, sample_rows
+from .data.sources import task_source
 from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
 from .losses import answer_forward, token_cross_entropy_sum
 from .methods import ContinualMethod, get_method
-from .models import check_target_modules, load_model, load_tokenizer
+from .models import check_target_modules, load_model, load_tokenizer, with_model_defaults
 from .outputs import (atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
                       write_predictions)
 
@@ -66,20 +67,20 @@ def peak_rss_bytes() -> int:
 
 
 def prepare_data(cfg: TrainConfig) -> list[TaskData]:
-    """Load and validate every task of the sequence before any training starts.
+    """Load and validate every task of the sequence before any training starts, from ``cfg.data_source``
+    (``data/sources.py``: a CL_Benchmark folder, the Hugging Face Hub, or the user's files).
 
     Raises:
         ConfigError: unknown task/benchmark, missing or malformed files, labels outside the label set,
-            or a task left empty after ``max_train_samples``.
+            an unreachable Hub, or a task left empty after ``max_train_samples``.
     """
-    names = task_sequence(cfg.benchmark, cfg.order, cfg.tasks)
-    data_dir = cfg.resolved_data_dir()
+    source = task_source(cfg)
     out = []
-    for i, name in enumerate(names):
-        task = load_task(data_dir, name)
+    for i, name in enumerate(source.task_names()):
+        task = source.load_task(name)
         dropped: dict = {}
-        train = sample_rows(read_rows(task, "train", dropped), cfg.max_train_samples, cfg.seed + i)
-        test = sample_rows(read_rows(task, "test", dropped), cfg.max_test_samples, cfg.seed + 1000 + i)
+        train = sample_rows(source.read_rows(task, "train", dropped), cfg.max_train_samples, cfg.seed + i)
+        test = sample_rows(source.read_rows(task, "test", dropped), cfg.max_test_samples, cfg.seed + 1000 + i)
         out.append(TaskData(task=task, train_rows=train, test_rows=test, dropped=dropped))
     return out
 
@@ -277,9 +278,16 @@ def run(cfg: TrainConfig) -> dict:
     ``adapters/<k>-<task>/`` (plain PEFT LoRA, plus ``METHOD_STATE_FILE`` for methods with state),
     ``tensorboard/``.
 
+    With ``cfg.dry_run`` it only prints the plan (``plan.dry_run``) and returns it.
+
     Raises:
         ConfigError: any invalid input, before training starts.
     """
+    if cfg.dry_run:
+        from .plan import dry_run
+
+        return dry_run(cfg)
+    cfg = with_model_defaults(cfg)
     datas = prepare_data(cfg)
     resume = _check_output_dir(cfg)
     out = cfg.output_dir
@@ -293,8 +301,7 @@ def run(cfg: TrainConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     base = load_model(cfg.model, tokenizer)
     check_target_modules(base, cfg.target_modules)
-    chat = cfg.chat_template and getattr(tokenizer, "chat_template", None) is not None
-    encoder = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, chat)
+    encoder = encoder_for(base.config, tokenizer, cfg.max_source_length, cfg.max_target_length, cfg.chat_template)
     method = get_method(cfg)
     tokenise(datas, encoder, method)
     names = [d.task.name for d in datas]
