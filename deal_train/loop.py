@@ -101,9 +101,11 @@ def _flat_config(cfg: TrainConfig) -> dict:
 
 def comparable_config(saved: dict) -> dict:
     """A run's config as saved in ``metrics.json``, ready to compare with another: keys added to TrainConfig
-    after that run was made take their defaults (every new key's default keeps the earlier behaviour), and
-    ``RESUME_IGNORED_KEYS`` are dropped."""
+    after that run was made take their defaults (every new key's default keeps the earlier behaviour), an empty
+    ``target_modules`` becomes the model type's default, and ``RESUME_IGNORED_KEYS`` are dropped."""
     merged = {**TrainConfig().to_dict(), **saved}
+    if not merged["target_modules"]:  # runs record the modules they adapt (``with_model_defaults``)
+        merged["target_modules"] = with_model_defaults(TrainConfig(model=merged["model"])).target_modules
     return {k: v for k, v in merged.items() if k not in RESUME_IGNORED_KEYS}
 
 

@@ -110,3 +110,16 @@ def test_files_source_needs_a_tasks_file_and_known_tasks(tmp_path, data_dir, cap
     path = _write_tasks(tmp_path, data_dir)
     with pytest.raises(ConfigError, match=r"tasks \['agnews'\] are not in tasks_file .* it has news, movies"):
         loop.prepare_data(TrainConfig(data_source="files", tasks_file=str(path), tasks=["agnews"]))
+
+
+def test_readme_example_tasks_file_parses(tmp_path):
+    from deal_train.data.files import read_tasks_file
+
+    readme = (REPO / "README.md").read_text()
+    (block,) = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:] if b.startswith("# my_tasks.yaml")]
+    (tmp_path / "my_tasks.yaml").write_text(block)
+    (spec,) = read_tasks_file(str(tmp_path / "my_tasks.yaml")).values()
+    assert spec.task.name == "reviews" and spec.task.labels == ("Good", "Bad") and spec.task.type == "SC"
+    assert spec.label_map == {"0": "Bad", "1": "Good"} and spec.text_column == "text"
+    assert spec.files["test"] == str(tmp_path / "data" / "reviews_test.csv")
+    assert spec.task.instruction.endswith("Choose one from the option.\n")

@@ -145,6 +145,17 @@ def test_balanced_sample():
     assert sorted(r["sentence"] for r in everything) == sorted(r["sentence"] for r in rows)
 
 
+def balanced_counts(available: Counter, n: int) -> Counter:
+    """Per-class counts of a balanced sample of n: equal shares, classes with fewer rows give up the rest."""
+    counts, left = Counter(), n
+    while left:
+        open_classes = [c for c in sorted(available) if counts[c] < available[c]]
+        for c in open_classes[:left]:
+            counts[c] += 1
+            left -= 1
+    return counts
+
+
 def test_materialise_caches_and_the_run_reads_the_cache(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("DEAL_TRAIN_CACHE", str(tmp_path))
     calls = []
@@ -156,8 +167,9 @@ def test_materialise_caches_and_the_run_reads_the_cache(data_dir, tmp_path, monk
     for name in ("CB", "SST-2"):
         task = materialise(hub_spec(name), str(tmp_path / "hub"), 12, 6, seed=42, load=load)
         train = json.loads((pathlib.Path(task.directory) / "train.json").read_text())
-        assert len(train) == 12 and max(Counter(r["label"] for r in train).values()) - \
-            min(Counter(r["label"] for r in train).values()) <= 1
+        counts = Counter(r["label"] for r in train)
+        available = Counter(r["label"] for r in _cl_rows(data_dir, name, "train", 40))
+        assert len(train) == 12 and counts == balanced_counts(available, 12)
     assert calls == [("CB", "train"), ("CB", "validation"), ("SST-2", "train"), ("SST-2", "validation")]
     materialise(hub_spec("CB"), str(tmp_path / "hub"), 12, 6, seed=42, load=load)
     assert len(calls) == 4  # read from the cache, not loaded again

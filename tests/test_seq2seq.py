@@ -174,3 +174,7 @@ def test_every_method_two_task_run(kind, method, finished_run, finished_t5_run, 
     saved_preds = [json.loads(x)["prediction"] for x in
                    (out / "predictions" / "after_2-amazon" / "2-amazon.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in preds] == saved_preds
+    if method == "seq_lora":  # the run recorded the resolved modules; a rerun of the same command matches it
+        from deal_train.compare import finished_metrics
+
+        assert cfg.target_modules == [] and finished_metrics(cfg)["finished"]

@@ -209,32 +209,51 @@ def convert_rows(spec: HubSpec, dataset) -> list[dict]:
     return out
 
 
-def balanced_sample(rows: list[dict], n: int, seed: int) -> list[dict]:
-    """At most ``n`` rows with the classes as equal as the data allows (round-robin over the labels, sorted by
-    name, each label's rows in a ``random.Random(seed)`` order), returned in a seeded random order; all rows when
-    ``n`` is 0 or at least ``len(rows)``."""
+def balanced_indices(labels: list, n: int, seed: int) -> list[int]:
+    """Indices of at most ``n`` items with the classes as equal as the data allows: round-robin over the labels
+    (sorted), each label's items in a ``random.Random(seed)`` order; the result in a seeded random order. All
+    indices when ``n`` is 0 or at least ``len(labels)``."""
     rng = random.Random(seed)
-    if n <= 0 or n >= len(rows):
-        out = list(rows)
+    if n <= 0 or n >= len(labels):
+        out = list(range(len(labels)))
         rng.shuffle(out)
         return out
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[row["label"]].append(row)
+    groups: dict = defaultdict(list)
+    for i, label in enumerate(labels):
+        groups[label].append(i)
     queues = []
     for label in sorted(groups):
-        members = list(groups[label])
+        members = groups[label]
         rng.shuffle(members)
         queues.append(members)
-    out = []
+    out: list[int] = []
     depth = 0
     while len(out) < n:
-        for q in queues:
-            if depth < len(q) and len(out) < n:
-                out.append(q[depth])
+        out += [q[depth] for q in queues if depth < len(q)][: n - len(out)]
         depth += 1
     rng.shuffle(out)
     return out
+
+
+def balanced_sample(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """``balanced_indices`` applied to rows with a ``label`` key."""
+    return [rows[i] for i in balanced_indices([r["label"] for r in rows], n, seed)]
+
+
+def balanced_hub_rows(spec: HubSpec, dataset, n: int, seed: int) -> list[dict]:
+    """A class-balanced subset of ``n`` rows of a Hub split (0: all), converted with ``convert_rows``. Only the
+    label column is read to choose the rows (fast on million-row splits); rows with an out-of-range label id
+    are not eligible.
+
+    Raises:
+        ConfigError: a required column is missing.
+    """
+    cols = _resolve_columns(spec, list(dataset.column_names))
+    offset = 1 if cols["label"] in ONE_BASED_LABEL_COLUMNS else 0
+    ids = [int(x) - offset for x in dataset[cols["label"]]]
+    valid = [i for i, label in enumerate(ids) if 0 <= label < len(spec.labels)]
+    chosen = balanced_indices([ids[i] for i in valid], n, seed)
+    return convert_rows(spec, dataset.select([valid[i] for i in chosen]))
 
 
 def load_hub_split(spec: HubSpec, split: str):
@@ -283,11 +302,11 @@ def materialise(spec: HubSpec, root: str, train_rows: int, test_rows: int, seed:
         splits = {}
         for name, split, n, s in (("train", spec.train_split, train_rows, seed),
                                   ("test", spec.test_split, test_rows, seed + 1)):
-            rows = convert_rows(spec, load(spec, split))
+            rows = balanced_hub_rows(spec, load(spec, split), n, s)
             if not rows:
                 raise ConfigError(f"Task '{spec.task}': Hub dataset '{spec.dataset_name}' split {split} has no "
                                   f"labelled rows.")
-            splits[name] = balanced_sample(rows, n, s)
+            splits[name] = rows
 
         def write(tmp: str) -> None:
             for name, rows in splits.items():

@@ -29,9 +29,12 @@ class CLBenchmarkSource:
         return task_sequence(self.cfg.benchmark, self.cfg.order, self.cfg.tasks)
 
     def load_task(self, name: str) -> Task:
+        """The task's labels and prompt parts. Raises: ConfigError: missing folder or labels.json."""
         return load_task(self.data_dir, name)
 
     def read_rows(self, task: Task, split: str, dropped: dict | None = None) -> list[dict]:
+        """Validated ``{"sentence", "label"}`` rows of ``split`` (train/test); rows without a gold label are
+        dropped and counted in ``dropped[split]``. Raises: ConfigError: missing or malformed file or rows."""
         return read_rows(task, split, dropped)
 
 
@@ -40,6 +43,8 @@ class HubSource(CLBenchmarkSource):
     class-balanced subsets of ``max_train_samples`` / ``max_test_samples`` rows drawn with ``seed``."""
 
     def load_task(self, name: str) -> Task:
+        """The task converted into the cache (``hub.materialise``). Raises: ConfigError: Hub unreachable, a
+        missing column, or a task without a Hub dataset."""
         from ..models import cache_dir
 
         spec = hub_spec(name, self.cfg.hub_datasets)
@@ -67,9 +72,11 @@ class FilesSource:
         return list(self.cfg.tasks)
 
     def load_task(self, name: str) -> Task:
+        """The task as the tasks_file describes it (already validated when the file was read)."""
         return self.tasks[name].task
 
     def read_rows(self, task: Task, split: str, dropped: dict | None = None) -> list[dict]:
+        """Validated rows of the task's ``split`` file (``files.read_file_rows``)."""
         return read_file_rows(self.tasks[task.name], split, dropped)
 
 
