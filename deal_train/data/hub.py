@@ -69,6 +69,7 @@ class HubSpec:
 
     @property
     def dataset_name(self) -> str:
+        """``path`` or ``path:config``, as messages and the cache directory name it."""
         return self.path + (f":{self.config}" if self.config else "")
 
 
