@@ -78,10 +78,12 @@ def adapter_shapes(label: str, config: PretrainedConfig, cfg: TrainConfig) -> di
 
 
 def deal_parameters(factors: list[tuple[tuple, tuple]], cfg: TrainConfig) -> int:
-    """Trainable DEAL parameters on a task after the first: the retention and update parameters of one
-    ``DEALFactor`` per LoRA factor that ``deal_update`` maps (built on small random CPU factors of each shape)."""
-    from .deal import DEALFactor
+    """Trainable DEAL parameters on a task after the first: the parameters of the factor map that DEAL builds
+    (``DEAL.new_factor``) for every LoRA factor ``deal_update`` maps, each built once per shape on a small random
+    CPU matrix."""
+    from .methods import get_method
 
+    deal = get_method(dataclasses.replace(cfg, method="deal"))
     counts: dict = {}
     total = 0
     for a_shape, b_shape in factors:
@@ -89,12 +91,8 @@ def deal_parameters(factors: list[tuple[tuple, tuple]], cfg: TrainConfig) -> int
             if cfg.deal_update not in ("both", which):
                 continue
             if (which, shape) not in counts:
-                factor = DEALFactor(torch.randn(shape, generator=torch.Generator().manual_seed(0)),
-                                    transpose=(which == "A"), num_scales=cfg.deal_scales, hidden=cfg.deal_mlp_hidden,
-                                    activation=cfg.deal_activation, kernel=cfg.deal_kernel, layers=cfg.deal_layers,
-                                    retention_activation=cfg.deal_activation_retention,
-                                    sigma_base=cfg.deal_sigma_base)
-                counts[(which, shape)] = sum(p.numel() for p in factor.parameters())
+                weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+                counts[(which, shape)] = sum(p.numel() for p in deal.new_factor(weight, which).parameters())
             total += counts[(which, shape)]
     return total
 
