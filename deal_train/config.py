@@ -41,16 +41,29 @@ class TrainConfig:
                         ("tc", "standard", "long"))
     order: int = _f(1, "Task order of the standard benchmark (1, 2 or 3).", (1, 2, 3))
     tasks: list[str] = _f([], "Explicit task sequence (comma-separated names); overrides benchmark/order when set.")
+    data_source: str = _f("cl_benchmark", "Where the tasks come from: cl_benchmark (a folder in the CL_Benchmark "
+                                          "layout, see data_dir), hub (the 15 tasks' public Hugging Face Hub datasets, "
+                                          "converted to the same labels and sentence format, class-balanced, cached "
+                                          "under $DEAL_TRAIN_CACHE), files (your own tasks, described in tasks_file).",
+                          ("cl_benchmark", "hub", "files"))
     data_dir: str = _f("", f"CL_Benchmark directory (<Type>/<task>/{{train,test,labels}}.json). "
                            f"Empty: ${DATA_DIR_ENV}, else ../shared/cl_benchmark next to the working directory.")
+    tasks_file: str = _f("", "data_source files: YAML naming each task's train/test files (JSON, JSON lines or CSV), "
+                             "text and label columns, label set and instruction (README, 'Your own tasks').")
+    hub_datasets: list[str] = _f([], "data_source hub: replace a task's Hub dataset, as task=owner/name or "
+                                     "task=owner/name:config (comma-separated), e.g. amazon=owner/amazon_reviews.")
+    dry_run: bool = _f(False, "Build the model's architecture without weights (meta device), print the plan (tasks, "
+                              "steps per task, trainable parameters per method, a memory estimate) and exit.")
     output_dir: str = _f("outputs/run", "Where metrics, adapters, predictions and TensorBoard logs go.")
     overwrite_output_dir: bool = _f(False, "Start over even if output_dir holds a finished or partial run.")
     seed: int = _f(42, "Random seed (data order, adapter initialisation, sampling of rows).")
 
     # --- model and adapter -------------------------------------------------------------------
     model: str = _f("smollm2-135m-instruct",
-                    "Hugging Face id or local directory, or an alias: smollm2-135m-instruct, tiny-random-llama.")
-    chat_template: bool = _f(True, "Wrap the prompt in the tokenizer's chat template (when it has one).")
+                    "Hugging Face id or local directory (decoder-only or encoder-decoder such as T5), or an alias: "
+                    "smollm2-135m-instruct, tiny-random-llama, tiny-random-t5.")
+    chat_template: bool = _f(True, "Wrap the prompt in the tokenizer's chat template (when it has one; decoder-only "
+                                   "models only).")
     trust_remote_code: bool = _f(False, "Allow a model directory or Hub id to run its own Python code "
                                         "(transformers' trust_remote_code). Only for models you trust.")
     allow_pickle_weights: bool = _f(False, "Allow loading model weights from pickle-based files (pytorch_model.bin, "
@@ -58,7 +71,8 @@ class TrainConfig:
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
-    target_modules: list[str] = _f(["q_proj", "v_proj"], "Module names that get LoRA adapters (comma-separated).")
+    target_modules: list[str] = _f([], "Module names that get LoRA adapters (comma-separated). Empty: chosen from "
+                                       "the model type (PEFT's defaults: q,v for T5; q_proj,v_proj for LLaMA).")
 
     # --- optimisation ------------------------------------------------------------------------
     learning_rate: float = _f(3e-4, "AdamW learning rate for LoRA parameters (constant, no warm-up).")
@@ -271,5 +285,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
         raise ConfigError(f"Config key 'mixed_precision' = {cfg.mixed_precision!r}: use no, fp16 or bf16 (or leave "
                           f"empty to take the accelerate config's value).")
-    if not cfg.target_modules:
-        raise ConfigError("Config key 'target_modules' is empty: name at least one module, e.g. q_proj,v_proj.")
+    if cfg.data_source == "files" and not cfg.tasks_file:
+        raise ConfigError("data_source: files needs tasks_file, the YAML that describes your tasks (see README, "
+                          "'Your own tasks').")
+    for entry in cfg.hub_datasets:
+        if "=" not in entry or not entry.split("=", 1)[1].strip():
+            raise ConfigError(f"hub_datasets entry {entry!r}: write task=owner/name or task=owner/name:config.")

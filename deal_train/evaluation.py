@@ -62,7 +62,9 @@ def backward_transfer(matrix: Sequence[Sequence[float | None]]) -> float | None:
 @torch.no_grad()
 def generate_predictions(model, tokenizer, features, batch_size: int, max_new_tokens: int,
                          accelerator=None, desc: str | None = None) -> list[dict]:
-    """Greedy generation for a tokenised evaluation set (left padding; only the new tokens are decoded).
+    """Greedy generation for a tokenised evaluation set (left padding; only the new tokens are decoded: for a
+    decoder-only model the tokens after the prompt, for an encoder-decoder model the decoder's tokens after its
+    start token).
 
     Args:
         features: rows with ``input_ids`` (prompt), ``label`` and ``index`` (from ``Encoder.eval_features``).
@@ -78,6 +80,7 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    prompt_echoed = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     out: list[dict] = []
     indices = list(range(len(features)))
     if accelerator is not None and accelerator.num_processes > 1:
@@ -91,7 +94,7 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
         mask = batch["attention_mask"].to(device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new_tokens = gen[:, ids.shape[1]:]
+        new_tokens = gen[:, ids.shape[1]:] if prompt_echoed else gen[:, 1:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for idx, text, label in zip(batch["index"], texts, batch["labels"]):
             out.append({"index": int(idx), "prediction": text.strip(), "label": label})

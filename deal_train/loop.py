@@ -31,11 +31,12 @@ from transformers import enable_full_determinism
 from . import adapter_change
 from .checkpointing import StepCheckpointer, StopSignals, TaskProgress
 from .config import LEGACY_DEFAULTS, ConfigError, TrainConfig
-from .data import Encoder, collate_train, load_task, read_rows, sample_rows, split_validation, task_sequence
+from .data import Encoder, collate_train, encoder_for, sample_rows, split_validation
+from .data.sources import task_source
 from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
 from .losses import answer_forward, token_cross_entropy_sum
 from .methods import ContinualMethod, get_method
-from .models import check_target_modules, load_model, load_tokenizer
+from .models import check_target_modules, load_model, load_tokenizer, with_model_defaults
 from .outputs import (atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
                       write_predictions)
 
@@ -74,7 +75,8 @@ def peak_rss_bytes() -> int:
 
 
 def prepare_data(cfg: TrainConfig) -> list[TaskData]:
-    """Load and validate every task of the sequence before any training starts.
+    """Load and validate every task of the sequence before any training starts, from ``cfg.data_source``
+    (``data/sources.py``: a CL_Benchmark folder, the Hugging Face Hub, or the user's files).
 
     Each task's training file loses ``validation_rows`` rows to the validation split first
     (``split_validation``); the training rows are sampled from the rest. With ``eval_split: validation`` the
@@ -82,17 +84,16 @@ def prepare_data(cfg: TrainConfig) -> list[TaskData]:
 
     Raises:
         ConfigError: unknown task/benchmark, missing or malformed files, labels outside the label set,
-            or a task left empty after ``max_train_samples``.
+            an unreachable Hub, or a task left empty after ``max_train_samples``.
     """
-    names = task_sequence(cfg.benchmark, cfg.order, cfg.tasks)
-    data_dir = cfg.resolved_data_dir()
+    source = task_source(cfg)
     out = []
-    for i, name in enumerate(names):
-        task = load_task(data_dir, name)
+    for i, name in enumerate(source.task_names()):
+        task = source.load_task(name)
         dropped: dict = {}
-        validation, pool = split_validation(read_rows(task, "train", dropped), cfg.validation_rows, name)
+        validation, pool = split_validation(source.read_rows(task, "train", dropped), cfg.validation_rows, name)
         train = sample_rows(pool, cfg.max_train_samples, cfg.seed + i)
-        test = sample_rows(read_rows(task, "test", dropped), cfg.max_test_samples, cfg.seed + 1000 + i)
+        test = sample_rows(source.read_rows(task, "test", dropped), cfg.max_test_samples, cfg.seed + 1000 + i)
         if cfg.eval_split == "validation":
             test = validation  # scored in place of the test rows (the test file is still checked above)
         out.append(TaskData(task=task, train_rows=train, test_rows=test, dropped=dropped))
@@ -116,9 +117,12 @@ def _flat_config(cfg: TrainConfig) -> dict:
 def comparable_config(saved: dict) -> dict:
     """A run's config as saved in ``metrics.json``, ready to compare with another: keys added to TrainConfig
     after that run was made take the value that reproduces how it ran (``config.LEGACY_DEFAULTS``, else the
-    key's default); ``RESUME_IGNORED_KEYS`` and the keys of other methods (``METHOD_KEY_PREFIXES``: a new DEAL
-    default does not make a finished SeqLoRA run stale) are dropped."""
+    key's default), an empty ``target_modules`` becomes the model type's default, and ``RESUME_IGNORED_KEYS`` and
+    the keys of other methods (``METHOD_KEY_PREFIXES``: a new DEAL default does not make a finished SeqLoRA run
+    stale) are dropped."""
     merged = {**TrainConfig().to_dict(), **LEGACY_DEFAULTS, **saved}
+    if not merged["target_modules"]:  # runs record the modules they adapt (``with_model_defaults``)
+        merged["target_modules"] = with_model_defaults(TrainConfig(model=merged["model"])).target_modules
     other = [p for m, p in METHOD_KEY_PREFIXES.items() if m != merged.get("method")]
     return {k: v for k, v in merged.items()
             if k not in RESUME_IGNORED_KEYS and not k.startswith(tuple(other))
@@ -330,11 +334,18 @@ def run(cfg: TrainConfig) -> dict:
     ``tensorboard/``, and step checkpoints under ``checkpoints/`` while a task trains
     (``deal_train.checkpointing``). SIGINT, SIGTERM and SIGUSR1 checkpoint and stop the run.
 
+    With ``cfg.dry_run`` it only prints the plan (``plan.dry_run``) and returns it.
+
     Raises:
         ConfigError: any invalid input, before training starts (``CheckpointError``: an unusable checkpoint).
         TrainingError: repeated non-finite losses.
         TrainingStopped: a stop signal arrived; progress is saved (``exit_code`` = 128 + signal number).
     """
+    if cfg.dry_run:
+        from .plan import dry_run
+
+        return dry_run(cfg)
+    cfg = with_model_defaults(cfg)
     with StopSignals(announce=os.environ.get("LOCAL_RANK", "0") == "0") as signals:
         return _run(cfg, signals)
 
@@ -356,8 +367,7 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
     base = load_model(cfg.model, tokenizer, trust_remote_code=cfg.trust_remote_code,
                       allow_pickle=cfg.allow_pickle_weights)
     check_target_modules(base, cfg.target_modules)
-    chat = cfg.chat_template and getattr(tokenizer, "chat_template", None) is not None
-    encoder = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, chat)
+    encoder = encoder_for(base.config, tokenizer, cfg.max_source_length, cfg.max_target_length, cfg.chat_template)
     method = get_method(cfg)
     tokenise(datas, encoder, method)
     for line in truncation_report(datas, cfg.max_source_length):

@@ -1,5 +1,13 @@
-"""The answer-token forward pass and losses shared by the loop and the methods (decoder-only, left-padded
-batches from ``collate_train``: each answer ends at the last position)."""
+"""The answer-token forward pass and losses shared by the loop and the methods.
+
+Two batch layouts from ``collate_train``, told apart by ``decoder_input_ids``:
+
+* decoder-only: left-padded ``prompt + answer`` rows, each answer ending at the last position;
+* encoder-decoder (seq2seq): the prompt as encoder input and ``decoder_input_ids`` = start + answer, with
+  ``labels`` in the same decoder sequence layout (``data/seq2seq.py``).
+
+In both, logit position i predicts label i + 1, so ``answer_logits`` and ``token_cross_entropy_sum`` serve both.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +23,28 @@ def answer_window(labels: torch.Tensor) -> int:
 
 
 def answer_forward(model, batch: dict):
-    """The model's outputs on a training batch, with logits for the last ``answer_window`` positions only.
+    """The model's outputs on a training batch, with logits for the positions the loss needs.
 
     Args:
-        batch: ``input_ids``, ``attention_mask``, ``position_ids``, ``labels`` (batch × seq), on the model's device.
+        batch: decoder-only: ``input_ids``, ``attention_mask``, ``position_ids``, ``labels`` (batch × seq);
+            seq2seq: ``input_ids``, ``attention_mask`` (batch × source), ``decoder_input_ids``,
+            ``decoder_attention_mask``, ``labels`` (batch × target); on the model's device.
     Returns:
-        The model output; ``.logits`` is (batch, answer_window, vocab).
+        The model output; ``.logits`` is (batch, answer_window, vocab) for decoder-only batches (the last
+        positions only) and (batch, target, vocab) for seq2seq batches (every decoder position).
     """
+    if "decoder_input_ids" in batch:
+        return seq2seq_forward(model, batch)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=batch["position_ids"], use_cache=False, logits_to_keep=answer_window(batch["labels"]))
+
+
+def seq2seq_forward(model, batch: dict):
+    """An encoder-decoder model's outputs with teacher forcing on ``decoder_input_ids`` (no ``labels`` passed, so
+    the model computes no loss of its own); ``.logits`` is (batch, target, vocab)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 decoder_input_ids=batch["decoder_input_ids"], decoder_attention_mask=batch["decoder_attention_mask"],
+                 use_cache=False)
 
 
 def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

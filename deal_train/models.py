@@ -6,22 +6,34 @@ Aliases:
         result as safetensors under ``$DEAL_TRAIN_CACHE`` (default ``~/.cache/deal_train``); later loads take ~1 s.
     ``tiny-random-llama``: a randomly initialised two-layer LLaMA (hidden 64) with SmolLM2's tokenizer,
         weights drawn with a fixed seed, for smoke tests and the test suite.
+    ``tiny-random-t5``: a randomly initialised T5 (2 + 2 layers, d_model 64) with the same SmolLM2 tokenizer,
+        the encoder-decoder counterpart for tests. SmolLM2's is the one real tokenizer available offline here (no
+        T5 SentencePiece model is), so the T5's ``vocab_size`` is ``len(tokenizer)`` (49,152) and its
+        ``decoder_start_token_id`` is the pad token (as T5's own is), which for SmolLM2 is also its EOS.
+
+Model kinds: a config with ``is_encoder_decoder`` (T5, Flan-T5, BART, ...) loads as ``AutoModelForSeq2SeqLM``,
+anything else as ``AutoModelForCausalLM``; ``default_target_modules`` and ``peft_task_type`` follow the kind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import shutil
 import tempfile
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig,
+                          LlamaForCausalLM, PretrainedConfig, PreTrainedModel, T5Config, T5ForConditionalGeneration)
 
 from .config import ConfigError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 TINY_LLAMA_ALIAS = "tiny-random-llama"
+TINY_T5_ALIAS = "tiny-random-t5"
+ALIASES = (SMOLLM2_ALIAS, TINY_LLAMA_ALIAS, TINY_T5_ALIAS)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "DEAL_TRAIN_CACHE"
 
@@ -92,11 +104,11 @@ def resolve_model_path(name: str) -> str:
     Raises:
         ConfigError: ``name`` looks like a local path (absolute, ``./``, ``~`` or nested) that does not exist.
     """
-    if name in (SMOLLM2_ALIAS, TINY_LLAMA_ALIAS):
+    if name in ALIASES:
         return _smollm2_local_dir()
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ConfigError(f"Model path not found: {name}. Give an existing directory, a Hugging Face id, or an "
-                          f"alias ({SMOLLM2_ALIAS}, {TINY_LLAMA_ALIAS}).")
+                          f"alias ({', '.join(ALIASES)}).")
     return name
 
 
@@ -144,7 +156,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     except (OSError, ValueError) as err:
         raise ConfigError(_remote_code_message(name, err) or
                           f"Cannot load the tokenizer of model '{name}': {err}. Use a local directory or an "
-                          f"alias ({SMOLLM2_ALIAS}, {TINY_LLAMA_ALIAS}).") from None
+                          f"alias ({', '.join(ALIASES)}).") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -160,9 +172,87 @@ def tiny_llama_config(tokenizer) -> LlamaConfig:
     )
 
 
+def tiny_t5_config(tokenizer) -> T5Config:
+    """Two encoder and two decoder layers, d_model 64, 4 heads of 16, SmolLM2's vocabulary; the decoder starts
+    from the pad token (T5's convention)."""
+    return T5Config(
+        vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="relu", tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def is_encoder_decoder(config: PretrainedConfig) -> bool:
+    """True for encoder-decoder (seq2seq) configs such as T5 and BART."""
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def model_config(name: str, tokenizer=None, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config of a model id, local directory or alias, without loading any weights.
+
+    Args:
+        tokenizer: used for the tiny aliases (their vocabulary is the tokenizer's); loaded when None.
+    Raises:
+        ConfigError: the path does not exist or its config cannot be read (offline, bad files).
+    """
+    if name in (TINY_LLAMA_ALIAS, TINY_T5_ALIAS):
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name)
+        return tiny_llama_config(tokenizer) if name == TINY_LLAMA_ALIAS else tiny_t5_config(tokenizer)
+    path = resolve_model_path(name)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(_remote_code_message(name, err) or
+                          f"Cannot read the config of model '{name}': {err}") from None
+
+
+def default_target_modules(config: PretrainedConfig) -> list[str]:
+    """LoRA target modules for a model type when ``target_modules`` is left empty: PEFT's own defaults
+    (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``), i.e. the attention query and value projections:
+    ``q``, ``v`` for T5/mT5, ``q_proj``, ``v_proj`` for LLaMA, Mistral, BART, ...
+
+    Raises:
+        ConfigError: PEFT knows no default for this model type; the message asks for ``target_modules``.
+    """
+    model_type = getattr(config, "model_type", None)
+    modules = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not modules:
+        raise ConfigError(f"No default LoRA target modules for model type '{model_type}': set target_modules "
+                          f"(e.g. --target_modules q_proj,v_proj) to the names of its attention projections.")
+    return list(modules)
+
+
+def with_model_defaults(cfg):
+    """``cfg`` (a ``TrainConfig``) with an empty ``target_modules`` replaced by ``default_target_modules`` of its
+    model, so the run records (and resumes with) the modules it really adapts.
+
+    Raises:
+        ConfigError: the model's config cannot be read, or its type has no default target modules.
+    """
+    if cfg.target_modules:
+        return cfg
+    config = TINY_CONFIGS[cfg.model]() if cfg.model in TINY_CONFIGS else \
+        model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    return dataclasses.replace(cfg, target_modules=default_target_modules(config))
+
+
+TINY_CONFIGS = {TINY_LLAMA_ALIAS: LlamaConfig, TINY_T5_ALIAS: T5Config}
+"""The config classes of the tiny aliases: enough to know their model type without loading their tokenizer."""
+
+
+def peft_task_type(model: torch.nn.Module) -> str:
+    """PEFT ``task_type`` for a base model: ``SEQ_2_SEQ_LM`` for encoder-decoder models, else ``CAUSAL_LM``."""
+    return "SEQ_2_SEQ_LM" if is_encoder_decoder(model.config) else "CAUSAL_LM"
+
+
 def load_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                allow_pickle: bool = False) -> PreTrainedModel:
-    """The base causal LM for a model id, local directory or alias, in eval mode.
+    """The base model for a model id, local directory or alias, in eval mode: ``AutoModelForSeq2SeqLM`` for
+    encoder-decoder configs, ``AutoModelForCausalLM`` otherwise.
+
+    The tiny aliases keep an empty ``name_or_path`` (a name that is not a directory would make PEFT look it up on
+    the Hub at every adapter save); ``deal_train.export`` finds their base model in the run's ``metrics.json``.
 
     Weights load from safetensors only, unless ``allow_pickle`` (then transformers may also read
     ``pytorch_model.bin``); code shipped with the model runs only with ``trust_remote_code``.
@@ -171,17 +261,22 @@ def load_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, trust_r
         ConfigError: the path does not exist, the model cannot be loaded (offline, bad files), its weights are
             pickle-only and ``allow_pickle`` is off, or it needs its own code and ``trust_remote_code`` is off.
     """
-    if name == TINY_LLAMA_ALIAS:
+    if name in (TINY_LLAMA_ALIAS, TINY_T5_ALIAS):
         with torch.random.fork_rng():
             torch.manual_seed(0)  # the same "pretrained" tiny model in every run
-            model = LlamaForCausalLM(tiny_llama_config(tokenizer))
+            if name == TINY_LLAMA_ALIAS:
+                model = LlamaForCausalLM(tiny_llama_config(tokenizer))
+            else:
+                model = T5ForConditionalGeneration(tiny_t5_config(tokenizer))
         return model.to(dtype).eval()
     path = resolve_model_path(name)
     if not allow_pickle:
         check_safe_weights(path, name)
+    config = model_config(name, tokenizer, trust_remote_code)
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=None if allow_pickle else True)
+        model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                     use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as err:
         raise ConfigError(_remote_code_message(name, err) or f"Cannot load model '{name}': {err}") from None
     if model.generation_config.pad_token_id is None:

@@ -50,9 +50,10 @@ TINY_METHOD = dict(model="tiny-random-llama", tasks=["dbpedia", "amazon"], max_t
 @pytest.fixture()
 def tiny_method(tokenizer, data_dir):
     """``tiny_method(name, **overrides)`` -> (cfg, tokenised task data, method, wrapped tiny model), built as
-    ``loop.run`` builds them: dbpedia then amazon, 8 training rows each, LoRA rank 4 (alpha 32)."""
+    ``loop.run`` builds them: dbpedia then amazon, 8 training rows each, LoRA rank 4 (alpha 32); pass
+    ``model="tiny-random-t5"`` for the encoder-decoder."""
     from deal_train.config import TrainConfig
-    from deal_train.data import Encoder
+    from deal_train.data import encoder_for
     from deal_train.loop import prepare_data, tokenise
     from deal_train.methods import get_method
     from deal_train.models import load_model
@@ -61,8 +62,10 @@ def tiny_method(tokenizer, data_dir):
         cfg = TrainConfig(method=name, **{**TINY_METHOD, **overrides})
         datas = prepare_data(cfg)
         method = get_method(cfg)
-        tokenise(datas, Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, True), method)
-        return cfg, datas, method, method.wrap(load_model(cfg.model, tokenizer))
+        base = load_model(cfg.model, tokenizer)
+        tokenise(datas, encoder_for(base.config, tokenizer, cfg.max_source_length, cfg.max_target_length, True),
+                 method)
+        return cfg, datas, method, method.wrap(base)
 
     return make
 
@@ -73,19 +76,22 @@ TINY_RUN = dict(model="tiny-random-llama", tasks=["dbpedia", "amazon"], max_trai
 """The settings of the shared two-task runs (``finished_run``)."""
 
 
-@pytest.fixture(scope="session")
-def finished_run(tmp_path_factory):
-    """``finished_run(method)`` -> (cfg, metrics, trained_batches): one two-task run per method per session, with
-    the token ids of every training row collated (in order), recorded by wrapping ``loop.collate_train``."""
+TINY_T5_RUN = dict(model="tiny-random-t5", tasks=["dbpedia", "amazon"], max_train_samples=4, max_test_samples=2,
+                   per_device_train_batch_size=4, max_source_length=128, max_new_tokens=2, per_device_eval_batch_size=2,
+                   learning_rate=5e-3, lora_rank=4, deal_mlp_hidden=8, replay_samples_per_task=2, ewc_fisher_batches=1)
+"""Two-task runs on the tiny random T5 (``finished_t5_run``), one optimizer step per task to stay fast."""
+
+
+def _run_cache(root, settings: dict):
+    """``get(method)`` -> (cfg, metrics, trained_batches) for ``settings``, one run per method, cached."""
     from deal_train import loop
     from deal_train.config import TrainConfig
 
-    root = tmp_path_factory.mktemp("runs")
     cache = {}
 
     def get(method: str):
         if method not in cache:
-            cfg = TrainConfig(method=method, output_dir=str(root / method), **TINY_RUN)
+            cfg = TrainConfig(method=method, output_dir=str(root / method), **settings)
             trained: list[list[int]] = []
             collate = loop.collate_train
 
@@ -101,3 +107,16 @@ def finished_run(tmp_path_factory):
 
     get.root = root
     return get
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """``finished_run(method)`` -> (cfg, metrics, trained_batches): one two-task run per method per session, with
+    the token ids of every training row collated (in order), recorded by wrapping ``loop.collate_train``."""
+    return _run_cache(tmp_path_factory.mktemp("runs"), TINY_RUN)
+
+
+@pytest.fixture(scope="session")
+def finished_t5_run(tmp_path_factory):
+    """``finished_t5_run(method)``: as ``finished_run``, on the tiny random T5 (encoder-decoder)."""
+    return _run_cache(tmp_path_factory.mktemp("t5_runs"), TINY_T5_RUN)

@@ -18,7 +18,8 @@ def test_help_lists_every_key_with_default():
     out = subprocess.run([sys.executable, "-m", "deal_train", "--help"], capture_output=True, text=True, check=True)
     for key in REQUIRED_KEYS:
         assert f"--{key}" in out.stdout
-    assert "Default: deal" in out.stdout and "Default: q_proj,v_proj" in out.stdout
+    text = " ".join(out.stdout.split())  # argparse wraps help lines
+    assert "Default: deal" in text and "Empty: chosen from the model type" in text
 
 
 def test_yaml_then_command_line(tmp_path):

@@ -1,9 +1,10 @@
 """Tasks, prompts, tokenisation and batching for the CL_Benchmark layout."""
 
 from .dataset import IGNORE_INDEX, Encoder, collate_eval, collate_train, read_rows, sample_rows, split_validation
+from .seq2seq import Seq2SeqEncoder, collate_seq2seq_train, encoder_for
 from .prompts import apply_chat, build_prompt, prompt_parts
 from .tasks import BENCHMARKS, INSTRUCTIONS, TASK_TYPES, Task, load_task, task_sequence
 
-__all__ = ["IGNORE_INDEX", "Encoder", "collate_eval", "collate_train", "read_rows", "sample_rows", "split_validation", "apply_chat",
-           "build_prompt", "prompt_parts", "BENCHMARKS", "INSTRUCTIONS", "TASK_TYPES", "Task", "load_task",
-           "task_sequence"]
+__all__ = ["IGNORE_INDEX", "Encoder", "collate_eval", "collate_train", "read_rows", "sample_rows", "split_validation",
+           "Seq2SeqEncoder", "collate_seq2seq_train", "encoder_for", "apply_chat", "build_prompt", "prompt_parts",
+           "BENCHMARKS", "INSTRUCTIONS", "TASK_TYPES", "Task", "load_task", "task_sequence"]

@@ -28,14 +28,13 @@ rows of CL_Benchmark carry it. Such rows cannot be scored, so they are dropped (
 
 
 def read_rows(task: Task, split: str, dropped: dict | None = None) -> list[dict]:
-    """All rows of ``<task dir>/<split>.json`` as ``{"sentence": str, "label": str}`` dicts, validated.
-
-    Rows labelled ``"-"`` (no gold label) are dropped; their count goes to ``dropped[split]`` if given.
+    """All rows of ``<task dir>/<split>.json`` as ``{"sentence": str, "label": str}`` dicts, validated
+    (``check_rows``).
 
     Raises:
-        ConfigError: the file is missing, is not a JSON list, a row lacks a non-empty sentence or label or has a
-            label outside ``labels.json`` (the message names the file and the first five offending rows with their
-            0-based index in the file), or no usable row is left.
+        ConfigError: the file is missing or is not a JSON list, or ``check_rows`` refuses its rows (a row lacks a
+            non-empty sentence or label or has a label outside the task's label set; the message names the file and
+            the first five offending rows with their 0-based index), or no usable row is left.
     """
     path = task.split_path(split)
     if not os.path.isfile(path):
@@ -47,6 +46,19 @@ def read_rows(task: Task, split: str, dropped: dict | None = None) -> list[dict]
         raise ConfigError(f"Task '{task.name}': {path} is not valid JSON: {err}") from None
     if not isinstance(rows, list):
         raise ConfigError(f"Task '{task.name}': {path} must be a JSON list of {{\"label\", \"sentence\"}} rows.")
+    return check_rows(task, path, split, rows, dropped, "labels.json")
+
+
+def check_rows(task: Task, path: str, split: str, rows: list, dropped: dict | None = None,
+               label_source: str = "the label set") -> list[dict]:
+    """Validate the rows of ``split`` read from ``path`` and keep ``{"sentence", "label"}`` of each.
+
+    Rows labelled ``"-"`` (no gold label) are dropped; their count goes to ``dropped[split]`` if given.
+
+    Raises:
+        ConfigError: a row lacks a non-empty sentence or has a label outside ``task.labels`` (the message names
+            ``path``, the first offending rows and ``label_source``), or no usable row is left.
+    """
     labels = set(task.labels)
     skip = set()
     if NO_GOLD_LABEL not in labels:
@@ -64,12 +76,12 @@ def read_rows(task: Task, split: str, dropped: dict | None = None) -> list[dict]
         elif not isinstance(row.get("label"), str) or not row["label"].strip():
             bad.append(f"row {i}: missing or empty 'label'")
         elif row["label"] not in labels:
-            bad.append(f"row {i}: label {row['label']!r} is not in labels.json")
+            bad.append(f"row {i}: label {row['label']!r} is not in {label_source}")
         if len(bad) >= 5:
             break
     if bad:
         raise ConfigError(f"Task '{task.name}': bad rows in {path}: " + "; ".join(bad) +
-                          ". Fix the file or the task's labels.json.")
+                          f". Fix the file or the task's {label_source}.")
     kept = [{"sentence": r["sentence"], "label": r["label"]} for i, r in enumerate(rows) if i not in skip]
     if not kept:
         raise ConfigError(f"Task '{task.name}': {path} has no usable rows.")
@@ -183,6 +195,9 @@ class Encoder:
 def collate_train(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad a list of training features, so every row's answer ends at the last position.
 
+    Seq2seq features (with ``decoder_input_ids``, from ``Seq2SeqEncoder``) go to
+    ``seq2seq.collate_seq2seq_train`` instead (right padding, the decoder sequence layout).
+
     Left padding lets the loop ask the model for logits of the last ``max answer length + 1`` positions
     only (``logits_to_keep``) instead of a (batch × seq × vocab) tensor for the whole prompt.
 
@@ -190,6 +205,10 @@ def collate_train(features: list[dict], pad_token_id: int) -> dict[str, torch.Te
         ``input_ids``, ``attention_mask`` and ``position_ids`` (batch × max_len, int64; positions count real
         tokens from 0) and ``labels`` (batch × max_len, -100 on prompt and padding positions).
     """
+    if "decoder_input_ids" in features[0]:
+        from .seq2seq import collate_seq2seq_train
+
+        return collate_seq2seq_train(features, pad_token_id)
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(features), width), dtype=torch.long)

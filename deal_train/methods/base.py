@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from ..config import TrainConfig
 from ..data import Task
+from ..models import peft_task_type
 
 
 class ContinualMethod:
@@ -43,16 +44,25 @@ class ContinualMethod:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.task_index = -1
+        self.task_type = "CAUSAL_LM"  # PEFT task type; set from the base model by ``new_peft_model``
 
     # --- model ---------------------------------------------------------------------------------
     def lora_config(self) -> LoraConfig:
-        """The PEFT LoRA config built from ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``target_modules``."""
+        """The PEFT LoRA config built from ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``target_modules``
+        (empty: PEFT's default modules for the model type) and the base model's task type."""
         return LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
-                          target_modules=list(self.cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+                          target_modules=list(self.cfg.target_modules) or None, task_type=self.task_type,
+                          bias="none")
+
+    def new_peft_model(self, base_model: torch.nn.Module, adapter_name: str = "default") -> PeftModel:
+        """``get_peft_model`` with this method's LoRA config, after taking the PEFT task type from the base model
+        (``SEQ_2_SEQ_LM`` for encoder-decoder models, ``CAUSAL_LM`` otherwise)."""
+        self.task_type = peft_task_type(base_model)
+        return get_peft_model(base_model, self.lora_config(), adapter_name=adapter_name)
 
     def wrap(self, base_model: torch.nn.Module) -> PeftModel:
         """Add the adapter to the frozen base model (called once, before task 0)."""
-        return get_peft_model(base_model, self.lora_config())
+        return self.new_peft_model(base_model)
 
     # --- per task ------------------------------------------------------------------------------
     def replay_rows(self, task_index: int, earlier: list[tuple[Task, list[dict]]]) -> list[tuple[Task, list[dict]]]:

@@ -50,16 +50,21 @@ class DEAL(ContinualMethod):
                 linear.weight.requires_grad_(False)  # the history is frozen
                 if cfg.deal_update not in ("both", which):
                     continue
-                factor = DEALFactor(linear.weight, transpose=(which == "A"), num_scales=cfg.deal_scales,
-                                    hidden=cfg.deal_mlp_hidden, activation=cfg.deal_activation,
-                                    kernel=cfg.deal_kernel, layers=cfg.deal_layers,
-                                    retention_activation=cfg.deal_activation_retention,
-                                    sigma_base=cfg.deal_sigma_base, residual=cfg.deal_residual_update)
+                factor = self.new_factor(linear.weight, which)
                 factor.to(linear.weight.device)
                 attach(linear, "weight", factor)
                 self.factors.append(factor)
         self._retention_start = [p.detach().clone().float() for f in self.factors for p in f.retention_parameters()]
         self._update_start = [p.detach().clone().float() for f in self.factors for p in f.update_parameters()]
+
+    def new_factor(self, weight: torch.Tensor, which: str) -> DEALFactor:
+        """The ``DEALFactor`` for one frozen LoRA weight (``which``: ``A`` for lora_A, ``B`` for lora_B) with this
+        config's settings; also used by ``plan.deal_parameters`` to count DEAL's parameters for a dry run."""
+        cfg = self.cfg
+        return DEALFactor(weight, transpose=(which == "A"), num_scales=cfg.deal_scales, hidden=cfg.deal_mlp_hidden,
+                          activation=cfg.deal_activation, kernel=cfg.deal_kernel, layers=cfg.deal_layers,
+                          retention_activation=cfg.deal_activation_retention, sigma_base=cfg.deal_sigma_base,
+                          residual=cfg.deal_residual_update)
 
     def deal_parameters(self) -> list[torch.nn.Parameter]:
         """All retention and update parameters of the current task (empty on task 0)."""

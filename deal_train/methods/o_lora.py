@@ -20,7 +20,7 @@ combination_type="cat")`` of all adapters with weights 1. It is exact: ``cat`` s
 from __future__ import annotations
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 
 from .adapters import (activate, adapter_parameters, kept_adapter_state, load_named_adapter, lora_layers,
                        save_named_adapter, task_adapter)
@@ -40,7 +40,7 @@ class OLoRA(ContinualMethod):
         self._pairs: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (A_t, [A_i, i < t]) per LoRA layer
 
     def wrap(self, base_model: torch.nn.Module) -> PeftModel:
-        return get_peft_model(base_model, self.lora_config(), adapter_name=task_adapter(0))
+        return self.new_peft_model(base_model, adapter_name=task_adapter(0))
 
     @staticmethod
     def adapter_names(model: PeftModel) -> list[str]:

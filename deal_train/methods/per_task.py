@@ -13,7 +13,7 @@ import contextlib
 from typing import Iterator
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 
 from .adapters import activate, kept_adapter_state, load_named_adapter, save_named_adapter, task_adapter
 from .base import ContinualMethod
@@ -25,7 +25,7 @@ class PerTaskFT(ContinualMethod):
     name = "per_task"
 
     def wrap(self, base_model: torch.nn.Module) -> PeftModel:
-        return get_peft_model(base_model, self.lora_config(), adapter_name=task_adapter(0))
+        return self.new_peft_model(base_model, adapter_name=task_adapter(0))
 
     def trained_adapter(self) -> str:
         return task_adapter(self.task_index)
