@@ -127,6 +127,9 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    from .precision import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

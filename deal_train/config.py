@@ -69,6 +69,20 @@ class TrainConfig:
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive optimizer steps with a NaN/inf loss or "
                                      "gradient (each such step is skipped and counted).")
 
+    # --- memory savings (README "Profiles"; deal_train/precision.py) ----------------------------
+    model_dtype: str = _f("float32", "Weight dtype of the frozen base model: bfloat16/float16 halve its memory. "
+                                     "Trainable LoRA and DEAL tensors stay float32 whatever this is.",
+                          ("float32", "bfloat16", "float16"))
+    gradient_checkpointing: bool = _f(False, "Recompute each decoder layer's activations in the backward pass "
+                                             "(torch non-reentrant checkpointing): less activation memory, about "
+                                             "one extra forward pass of time.")
+    load_in_8bit: bool = _f(False, "Load the base model's linear layers as bitsandbytes LLM.int8 (8-bit) weights "
+                                   "(needs the bnb extra: pip install -e .[bnb]).")
+    load_in_4bit: bool = _f(False, "Load the base model's linear layers as bitsandbytes NF4 4-bit weights with "
+                                   "double quantisation, computing in model_dtype (QLoRA-style; bnb extra).")
+    optim: str = _f("adamw", "Optimizer: adamw (torch.optim.AdamW) or adamw_8bit (bitsandbytes AdamW8bit: 8-bit "
+                             "moments for tensors of 4096 elements or more).", ("adamw", "adamw_8bit"))
+
     # --- data --------------------------------------------------------------------------------
     max_train_samples: int = _f(1000, "Training rows per task (at most; 0 = all).")
     max_test_samples: int = _f(500, "Test rows per task (at most; 0 = all).")
@@ -216,5 +230,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
         raise ConfigError(f"Config key 'mixed_precision' = {cfg.mixed_precision!r}: use no, fp16 or bf16 (or leave "
                           f"empty to take the accelerate config's value).")
+    if cfg.load_in_8bit and cfg.load_in_4bit:
+        raise ConfigError("load_in_8bit and load_in_4bit are both true: choose one quantisation of the base model.")
     if not cfg.target_modules:
         raise ConfigError("Config key 'target_modules' is empty: name at least one module, e.g. q_proj,v_proj.")

@@ -25,12 +25,13 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed, precision
 from .config import ConfigError, TrainConfig
 from .data import Encoder, collate_train, load_task, read_rows, sample_rows, task_sequence
 from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
 from .losses import answer_forward, token_cross_entropy_sum
 from .methods import ContinualMethod, get_method
-from .models import check_target_modules, load_model, load_tokenizer
+from .models import check_target_modules, load_tokenizer
 from .outputs import (atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
                       write_predictions)
 
@@ -143,17 +144,22 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     same gradient as one large batch whatever the answer lengths.
     """
     set_seed(cfg.seed + task_index)  # same state at each task start, also after a resume
+    distributed.gather_adapters(model)  # ZeRO-3: the methods read adapter tensors between forward passes
     method.before_task(model, task_index, data.train_rows)
+    precision.check_trainable_float32(model)
     groups = [g for g in method.param_groups(model) if g["params"]]
     n_trainable = sum(p.numel() for g in groups for p in g["params"])
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = precision.build_optimizer(cfg, groups)
     generator = torch.Generator().manual_seed(cfg.seed + task_index)
     train_set = concatenate_datasets([data.train_features, *data.replay_features]) if data.replay_features \
         else data.train_features
     loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
                         generator=generator, collate_fn=lambda b: collate_train(b, pad_token_id))
-    accelerator.free_memory()
+    accelerator.free_memory()  # also destroys the previous task's DeepSpeed engine
+    distributed.configure_deepspeed(accelerator, cfg, model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if distributed.keeps_engine(accelerator):
+        distributed.check_persistent(accelerator.unwrap_model(model))
     model.train()
     gas = cfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(loader) / gas)
@@ -196,10 +202,14 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
                     accelerator.backward(loss)
                 step_ce += float(ce_sum.detach())
                 samples += batch["input_ids"].shape[0] * accelerator.num_processes
-            # gradients are synchronised here, so every process takes the same skip decision
+            # gradients are synchronised here, so every process takes the same skip decision (DeepSpeed has
+            # already clipped and stepped inside accelerator.backward and reports its norm, or None)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            grad_norm = 0.0 if grad_norm is None else float(grad_norm)
             ce_mean = step_ce * accelerator.num_processes / max(window_tokens, 1)
-            if not (math.isfinite(float(grad_norm)) and math.isfinite(ce_mean) and math.isfinite(step_extra)):
+            if not (math.isfinite(grad_norm) and math.isfinite(ce_mean) and math.isfinite(step_extra)):
+                if accelerator.scaler is not None:
+                    optimizer.step()  # fp16: the GradScaler skips this step itself and lowers the loss scale
                 optimizer.zero_grad(set_to_none=True)
                 bar.update(1)
                 nonfinite += 1
@@ -230,11 +240,13 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     accelerator.gradient_state._set_sync_gradients(True)
     model = accelerator.unwrap_model(model)
     model.eval()
+    distributed.gather_adapters(model)
     own_batches = DataLoader(data.train_features, batch_size=cfg.per_device_train_batch_size, shuffle=False,
                              collate_fn=lambda b: collate_train(b, pad_token_id))
     method.after_task(model, task_index, own_batches)
     seconds = time.perf_counter() - start
-    accelerator.free_memory()
+    if not distributed.keeps_engine(accelerator):  # ZeRO-3: the engine's hooks run the evaluation's forward passes
+        accelerator.free_memory()
     stats = {"train_seconds": seconds, "optimizer_steps": total_steps, "train_samples": samples,
              "samples_per_second": samples / seconds if seconds > 0 else 0.0,
              "final_loss": losses[-1] if losses else None,
@@ -265,6 +277,7 @@ def evaluate_seen(accelerator, model, method: ContinualMethod | None, tokenizer,
 def save_task_outputs(method: ContinualMethod, model, path: str) -> None:
     """The method's adapter and, when it has any, its state (``METHOD_STATE_FILE``) into directory ``path``."""
     method.save_adapter(model, path)
+    distributed.check_saved_adapter(path)
     state = method.state_dict()
     if state:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, METHOD_STATE_FILE))
@@ -289,9 +302,10 @@ def run(cfg: TrainConfig) -> dict:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "tensorboard")),
     )
+    distributed.check_profile(cfg, accelerator)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    base = load_model(cfg.model, tokenizer)
+    base = precision.load_base_model(cfg, tokenizer, accelerator.device)
     check_target_modules(base, cfg.target_modules)
     chat = cfg.chat_template and getattr(tokenizer, "chat_template", None) is not None
     encoder = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, chat)
@@ -300,7 +314,8 @@ def run(cfg: TrainConfig) -> dict:
     names = [d.task.name for d in datas]
     n = len(datas)
     model = method.wrap(base)
-    model.to(accelerator.device)
+    if not distributed.keeps_engine(accelerator):  # ZeRO-3 moves only each rank's shard to the device
+        model.to(accelerator.device)
     accelerator.init_trackers("deal_train", config=_flat_config(cfg))
     metrics = {
         "tasks": names, "method": cfg.method, "model": cfg.model, "finished": False, "completed_tasks": 0,
@@ -341,6 +356,7 @@ def run(cfg: TrainConfig) -> dict:
     for t in range(start_task, n):
         d = datas[t]
         global_step, stats = train_task(accelerator, model, method, d, cfg, t, global_step, tokenizer.pad_token_id)
+        distributed.gather_adapters(model)  # ZeRO-3: whole adapter tensors for the save (collective)
         if accelerator.is_main_process:
             atomic_write_dir(os.path.join(out, "adapters", f"{t + 1}-{d.task.name}"),
                              lambda tmp: save_task_outputs(method, model, tmp))

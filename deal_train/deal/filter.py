@@ -132,9 +132,15 @@ class DEALFactor(nn.Module):
         self.update = UpdateMLP(history.shape[1], hidden, activation)
         self._out_dtype = weight.dtype
 
-    def factor(self) -> torch.Tensor:
-        """O, shape (n, r), float32."""
-        return self.update(self.retention(self.history))
+    def factor(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """O, shape (n, r), float32; with ``params`` (name -> tensor, as ``named_parameters``) computed from those
+        tensors instead of the module's parameters (``torch.func.functional_call``; used under ZeRO-3)."""
+        if params is None:
+            return self.update(self.retention(self.history))
+        sub = {part: {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(part + ".")}
+               for part in ("retention", "update")}
+        x_hat = torch.func.functional_call(self.retention, sub["retention"], (self.history,))
+        return torch.func.functional_call(self.update, sub["update"], (x_hat,))
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         out = self.factor()
@@ -149,9 +155,10 @@ class DEALFactor(nn.Module):
         """θ2 = {W1, b1, W2, b2} of Eq. 12."""
         return list(self.update.parameters())
 
-    def drift(self) -> torch.Tensor:
-        """||O - Y||²_F / ||Y||²_F (scalar; denominator clamped at 1e-12 for an all-zero history)."""
-        diff = self.factor() - self.history
+    def drift(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """||O - Y||²_F / ||Y||²_F (scalar; denominator clamped at 1e-12 for an all-zero history); ``params`` as
+        for ``factor``."""
+        diff = self.factor(params) - self.history
         return diff.pow(2).sum() / self.history.pow(2).sum().clamp_min(1e-12)
 
 

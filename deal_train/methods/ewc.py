@@ -33,6 +33,7 @@ from typing import Iterable
 import torch
 from peft import PeftModel
 
+from ..distributed import live
 from ..losses import answer_forward, token_cross_entropy_sum
 from .base import ContinualMethod
 
@@ -58,12 +59,13 @@ def diagonal_fisher(model: torch.nn.Module, params: list[tuple[str, torch.nn.Par
         batch = {k: v.to(device) for k, v in batch.items()}
         outputs = answer_forward(model, batch)
         ce_sum, n_tokens = token_cross_entropy_sum(outputs.logits, batch["labels"])
-        (ce_sum / max(n_tokens, 1)).backward()
-        for n, p in params:
-            if p.grad is None:
+        # autograd.grad, not backward: the gradients never reach .grad, so the gradient hooks of DDP and DeepSpeed
+        # (still registered after the task's last step) neither reduce nor take them
+        grads = torch.autograd.grad(ce_sum / max(n_tokens, 1), [p for _n, p in params], allow_unused=True)
+        for (n, _p), g in zip(params, grads):
+            if g is None:
                 raise ValueError(f"EWC Fisher: parameter {n} got no gradient.")
-            sums[n] += p.grad.float() ** 2
-            p.grad = None
+            sums[n] += g.float() ** 2
         count += 1
     model.zero_grad(set_to_none=True)
     if count == 0:
@@ -100,7 +102,8 @@ class EWC(ContinualMethod):
         """sum F (theta - theta*)^2 over the bound parameters (float32 scalar; 0 before the second task)."""
         if not self._terms:
             return torch.zeros(())
-        return torch.stack([(f * (p.float() - a) ** 2).sum() for p, f, a in self._terms]).sum()
+        params = live(p for p, _f, _a in self._terms)  # gathered copies under ZeRO-3
+        return torch.stack([(f * (p.float() - a) ** 2).sum() for p, (_p, f, a) in zip(params, self._terms)]).sum()
 
     def extra_loss(self, model, batch, outputs):
         if not self._terms:
@@ -118,9 +121,9 @@ class EWC(ContinualMethod):
             raise ValueError("EWC needs the finished task's training batches to estimate the Fisher.")
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         fisher = diagonal_fisher(model, params, train_batches, self.cfg.ewc_fisher_batches)
-        for n, p in params:
+        for (n, _p), value in zip(params, live(p for _n, p in params)):
             self.fisher[n] = self.fisher[n] + fisher[n] if n in self.fisher else fisher[n]
-            self.anchor[n] = p.detach().float().clone()
+            self.anchor[n] = value.detach().float().clone()
         self._terms = []
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, get_peft_model
 
+from ..distributed import live
 from .adapters import (activate, adapter_parameters, kept_adapter_state, load_named_adapter, lora_layers,
                        save_named_adapter, task_adapter)
 from .base import ContinualMethod
@@ -71,7 +72,9 @@ class OLoRA(ContinualMethod):
 
     def orthogonality(self) -> torch.Tensor:
         """sum_{i<t} sum_layers sum |A_i A_t^T| (a float32 scalar; 0-dim, zero on task 0)."""
-        terms = [torch.mm(a_old, a_new.T).abs().sum() for a_new, olds in self._pairs for a_old in olds]
+        flat = iter(live([t for a_new, olds in self._pairs for t in (a_new, *olds)]))  # gathered copies under ZeRO-3
+        pairs = [(next(flat), [next(flat) for _ in olds]) for _a_new, olds in self._pairs]
+        terms = [torch.mm(a_old, a_new.T).abs().sum() for a_new, olds in pairs for a_old in olds]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def extra_loss(self, model, batch, outputs):
@@ -82,7 +85,8 @@ class OLoRA(ContinualMethod):
         total = cfg.o_lora_lambda_orth * orth
         logs = {"o_lora/orth_loss": float(orth.detach())}
         if cfg.o_lora_lambda_l2 > 0:
-            l2 = torch.stack([p.norm() for _n, p in adapter_parameters(model, task_adapter(self.task_index))]).sum()
+            new = live(p for _n, p in adapter_parameters(model, task_adapter(self.task_index)))
+            l2 = torch.stack([p.norm() for p in new]).sum()
             total = total + cfg.o_lora_lambda_l2 * l2
             logs["o_lora/l2_loss"] = float(l2.detach())
         return total, logs
