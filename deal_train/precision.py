@@ -130,10 +130,28 @@ def load_base_model(cfg: TrainConfig, tokenizer, device: torch.device):
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if cfg.load_in_4bit and torch.device(device).type == "cpu":
+            keep_4bit_trainable_on_cpu(model)
         model.eval()
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
+
+
+def keep_4bit_trainable_on_cpu(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, ``bnb.nn.Linear4bit`` (bitsandbytes 0.50) repacks its weight for a faster inference
+    kernel on the first forward pass in eval mode without gradients, and keeps it repacked; later training forward
+    passes then return outputs without a gradient path, so every LoRA gradient is None (measured on the tiny model:
+    an evaluation after task 1 left task 2 untrainable). The instance flag ``support_avx512bf16_for_cpu`` gates the
+    repacking; with it off, CPU inference uses the same (slower) kernel as training.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_gradient_checkpointing(model) -> None:
