@@ -5,6 +5,8 @@ adapters with ``load_adapter_weights`` and going on to its next task; and a whol
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,7 +17,7 @@ from deal_train.loop import run, save_task_outputs
 from deal_train.methods import METHODS, get_method
 from deal_train.precision import DTYPES, adapter_parameters, load_base_model, low_precision_trainables
 
-from conftest import TINY_METHOD, TINY_RUN
+from conftest import TINY_RUN
 
 
 def _check(model, dtype, where):
@@ -27,8 +29,14 @@ def _check(model, dtype, where):
     assert base and all(p.dtype == dtype for p in base), f"{where}: the base model is not {dtype}"
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+CASES = [(name, "bfloat16") for name in sorted(METHODS)] + [("deal", "float16")]
+
+
+def test_every_method_is_walked():
+    assert {name for name, _dtype in CASES} == set(METHODS)
+
+
+@pytest.mark.parametrize("name,dtype_name", CASES)
 def test_adapters_stay_float32_on_a_half_precision_base(name, dtype_name, tokenizer, tiny_method, tmp_path):
     dtype = DTYPES[dtype_name]
     cfg, datas, method, _fp32 = tiny_method(name, model_dtype=dtype_name)
@@ -57,8 +65,6 @@ def test_adapters_stay_float32_on_a_half_precision_base(name, dtype_name, tokeni
     resumed = resumed_method.wrap(load_base_model(cfg, tokenizer, torch.device("cpu")))
     resumed_method.load_adapter_weights(resumed, paths)
     state = f"{paths[-1]}/method_state.safetensors"
-    import os
-
     resumed_method.load_state_dict(load_file(state) if os.path.isfile(state) else {})
     _check(resumed, dtype, "load_adapter_weights")
     resumed_method.before_task(resumed, 2, datas[1].train_rows)
@@ -67,8 +73,9 @@ def test_adapters_stay_float32_on_a_half_precision_base(name, dtype_name, tokeni
 
 def test_bf16_autocast_run_keeps_float32_adapters(tmp_path):
     """A whole DEAL run: bfloat16 base, Accelerate's bf16 autocast (on the CPU), float32 adapters saved."""
+    small = {**TINY_RUN, "max_train_samples": 4, "max_test_samples": 2, "max_new_tokens": 2}
     cfg = TrainConfig(method="deal", model_dtype="bfloat16", mixed_precision="bf16", output_dir=str(tmp_path / "bf16"),
-                      **TINY_RUN)
+                      **small)
     metrics = run(cfg)
     assert metrics["finished"] and all(p["final_loss"] is not None for p in metrics["per_task"])
     first = load_file(tmp_path / "bf16" / "adapters" / "1-dbpedia" / "adapter_model.safetensors")

@@ -3,7 +3,6 @@ whole DEAL run on an 8-bit base, and the console staying free of bitsandbytes' C
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

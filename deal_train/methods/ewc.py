@@ -12,7 +12,9 @@ per-example Fisher would need one per row), ``F_j = mean_b (d CE_b / d theta_j)^
 ``ewc_fisher_batches`` micro batches of the task's own training rows, CE_b the mean answer-token cross-entropy
 of batch b (nats per token), taken in eval mode (no dropout) at theta*. Units: nats² per parameter unit².
 Batch gradients average out part of the per-example noise, so this is smaller than the per-example Fisher (by
-up to the batch size).
+up to the batch size). Under data parallelism every process estimates the same Fisher from the same micro batches
+of ``per_device_train_batch_size`` rows, so it depends on the per-device batch, not on the global one: EWC with 2
+processes x batch b matches one process x batch 2b only up to this estimate (other methods match exactly).
 
 Default ``ewc_lambda = 1000``. Measured on the tiny test model (rank 8, lr 3e-4, batch 8, 12 steps per task):
 the Fisher after one task sums to about 0.5 over its 3,584 LoRA entries (median 7e-8, max 8e-3), and 12 steps

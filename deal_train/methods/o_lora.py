@@ -103,9 +103,24 @@ class OLoRA(ContinualMethod):
         with kept_adapter_state(model):
             model.base_model.add_weighted_adapter(names, [1.0] * len(names), CAT_ADAPTER, combination_type="cat")
             try:
+                self._float32_cat(model, names)
                 save_named_adapter(model, CAT_ADAPTER, path)
             finally:
                 model.delete_adapter(CAT_ADAPTER)
+
+    @staticmethod
+    def _float32_cat(model: PeftModel, names: list[str]) -> None:
+        """PEFT creates the ``cat`` adapter in the dtype of the base layers (new adapters follow the base weight's
+        dtype), which on a bfloat16/float16 base rounds ``A_i · scaling_i`` to 16 bits. Recompute such a ``cat`` in
+        float32 from the float32 task adapters, with PEFT's formula for weights 1 (rows ``A_i · scaling_i``,
+        columns ``B_i``)."""
+        with torch.no_grad():
+            for _n, layer in lora_layers(model, CAT_ADAPTER):
+                a_cat, b_cat = layer.lora_A[CAT_ADAPTER].weight, layer.lora_B[CAT_ADAPTER].weight
+                if a_cat.dtype == torch.float32 and b_cat.dtype == torch.float32:
+                    continue
+                a_cat.data = torch.cat([layer.lora_A[n].weight * layer.scaling[n] for n in names], dim=0).float()
+                b_cat.data = torch.cat([layer.lora_B[n].weight for n in names], dim=1).float()
 
     def load_adapter_weights(self, model: PeftModel, paths: list[str]) -> None:
         """Rebuild adapters ``task_0 .. task_{k-1}`` from the concatenated adapter saved after task k.
