@@ -179,12 +179,13 @@ def test_deepspeed_zero3_keeps_deal_history_and_saves_complete_adapters(referenc
 
 def test_profiles_parse_and_name_their_deepspeed_configs():
     """Every accelerate_configs/*.yaml loads with Accelerate's own config reader; the DeepSpeed ones name an existing
-    ds_configs/*.json whose run-dependent values are "auto" (filled by Accelerate and deal_train)."""
+    ds_configs/*.json whose run-dependent values are "auto" (filled by Accelerate and deal_train) and set no
+    mixed_precision (Accelerate refuses one next to a DeepSpeed config file)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     expected = {"a100_fp16": ("NO", "fp16", 1), "multi_gpu_bf16": ("MULTI_GPU", "bf16", 2), "cpu": ("NO", "no", 1),
-                "multi_cpu": ("MULTI_CPU", "no", 2), "deepspeed_zero2": ("DEEPSPEED", "bf16", 1),
-                "deepspeed_zero3": ("DEEPSPEED", "bf16", 1), "deepspeed_zero2_offload": ("DEEPSPEED", "bf16", 1)}
+                "multi_cpu": ("MULTI_CPU", "no", 2), "deepspeed_zero2": ("DEEPSPEED", "none", 1),
+                "deepspeed_zero3": ("DEEPSPEED", "none", 1), "deepspeed_zero2_offload": ("DEEPSPEED", "none", 1)}
     found = {p.stem for p in (REPO / "accelerate_configs").glob("*.yaml")}
     assert found == set(expected)
     for name, (dist, precision, procs) in expected.items():
