@@ -305,7 +305,8 @@ def run(cfg: TrainConfig) -> dict:
     distributed.check_profile(cfg, accelerator)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    base = precision.load_base_model(cfg, tokenizer, accelerator.device)
+    base = precision.load_base_model(cfg, tokenizer, accelerator.device,
+                                     reentrant_checkpointing=distributed.keeps_engine(accelerator))
     check_target_modules(base, cfg.target_modules)
     chat = cfg.chat_template and getattr(tokenizer, "chat_template", None) is not None
     encoder = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, chat)

@@ -13,6 +13,7 @@
   run again in the recomputation); (3) PyTorch recommends it and plans to make it the default. The input-grad
   hook that PEFT needs with reentrant checkpointing (``enable_input_require_grads``: the embedding output
   requires a gradient) is registered as well, so a model whose own code checkpoints reentrantly still trains.
+  Under DeepSpeed ZeRO-3 the reentrant variant is used instead (see ``enable_gradient_checkpointing``).
 * ``optim: adamw_8bit``: bitsandbytes' ``AdamW8bit`` (block-wise 8-bit moments for tensors of at least 4096
   elements, 32-bit below that).
 * Trainable tensors (LoRA, DEAL, any adapter) are float32 whatever the base is: PEFT upcasts fp16/bf16 adapters
@@ -101,13 +102,15 @@ def _pretrained_dir(name: str, tokenizer) -> str:
     return target
 
 
-def load_base_model(cfg: TrainConfig, tokenizer, device: torch.device):
+def load_base_model(cfg: TrainConfig, tokenizer, device: torch.device, reentrant_checkpointing: bool = False):
     """The frozen base model as configured: ``model_dtype`` weights, optionally bitsandbytes-quantised, with
     gradient checkpointing when ``cfg.gradient_checkpointing``; in eval mode.
 
     Args:
         device: where a quantised model is loaded (bitsandbytes quantises while loading onto it); an unquantised
             model is returned on the CPU and moved by the caller.
+        reentrant_checkpointing: use reentrant checkpointing (needed under DeepSpeed ZeRO-3, see
+            ``enable_gradient_checkpointing``).
     Raises:
         ConfigError: the model cannot be loaded, or quantisation is asked for without bitsandbytes.
     """
@@ -134,7 +137,7 @@ def load_base_model(cfg: TrainConfig, tokenizer, device: torch.device):
             keep_4bit_trainable_on_cpu(model)
         model.eval()
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, reentrant=reentrant_checkpointing)
     return model
 
 
@@ -154,16 +157,22 @@ def keep_4bit_trainable_on_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def enable_gradient_checkpointing(model) -> None:
-    """Turn on non-reentrant activation checkpointing for every decoder layer of a transformers model (active in
-    train mode only) and register the input-grad hook (see the module docstring for the choice).
+def enable_gradient_checkpointing(model, reentrant: bool = False) -> None:
+    """Turn on activation checkpointing for every decoder layer of a transformers model (active in train mode
+    only), non-reentrant unless ``reentrant``, and register the input-grad hook (see the module docstring).
+
+    ``reentrant`` is for DeepSpeed ZeRO-3: transformers checkpoints a layer's ``forward`` (not its ``__call__``),
+    and in torch's non-reentrant recomputation ZeRO-3 has released the layer's parameters (torch then stops with
+    "Recomputed values ... have different metadata"; measured with DeepSpeed 0.19.8). The reentrant variant runs
+    the recomputation as a forward pass in which ZeRO-3's hooks gather them again; with the input-grad hook its
+    gradients reach the LoRA and DEAL parameters (equal within 1e-5 to no checkpointing, measured on the tiny model).
 
     Raises:
         ConfigError: the architecture does not support gradient checkpointing.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set it to false.")
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

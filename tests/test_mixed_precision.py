@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from deal_train.config import TrainConfig
@@ -76,7 +77,12 @@ def test_bf16_autocast_run_keeps_float32_adapters(tmp_path):
     small = {**TINY_RUN, "max_train_samples": 4, "max_test_samples": 2, "max_new_tokens": 2}
     cfg = TrainConfig(method="deal", model_dtype="bfloat16", mixed_precision="bf16", output_dir=str(tmp_path / "bf16"),
                       **small)
-    metrics = run(cfg)
+    # Accelerate keeps one process-wide state; the other tests made it without mixed precision
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        metrics = run(cfg)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert metrics["finished"] and all(p["final_loss"] is not None for p in metrics["per_task"])
     first = load_file(tmp_path / "bf16" / "adapters" / "1-dbpedia" / "adapter_model.safetensors")
     second = load_file(tmp_path / "bf16" / "adapters" / "2-amazon" / "adapter_model.safetensors")
