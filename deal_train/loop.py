@@ -206,7 +206,11 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
             # already clipped and stepped inside accelerator.backward and reports its norm, or None)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             grad_norm = 0.0 if grad_norm is None else float(grad_norm)
-            ce_mean = step_ce * accelerator.num_processes / max(window_tokens, 1)
+            # the step's answer-token CE over all processes (each holds only its own rows' sum), so the logged
+            # loss and the skip decision below are the same on every process and equal a one-process run's
+            window_ce = float(accelerator.gather(torch.tensor([step_ce], dtype=torch.float64,
+                                                              device=accelerator.device)).sum())
+            ce_mean = window_ce / max(window_tokens, 1)
             if not (math.isfinite(grad_norm) and math.isfinite(ce_mean) and math.isfinite(step_extra)):
                 if accelerator.scaler is not None:
                     optimizer.step()  # fp16: the GradScaler skips this step itself and lowers the loss scale

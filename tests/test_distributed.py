@@ -89,6 +89,9 @@ def test_ddp_two_processes_equal_one_process(reference, tmp_path):
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["finished"]
     assert [p["train_samples"] for p in metrics["per_task"]] == [p["train_samples"] for p in ref_metrics["per_task"]]
+    for key in ("final_loss", "mean_loss"):  # the logged loss is the global one, not rank 0's share
+        assert [p[key] for p in metrics["per_task"]] == pytest.approx([p[key] for p in ref_metrics["per_task"]],
+                                                                       rel=1e-5), key
     assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
     _assert_same_adapters(tmp_path / "ddp", ref_out)
 
