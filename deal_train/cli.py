@@ -7,6 +7,7 @@ no traceback (``--debug`` shows it).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -133,6 +134,18 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    from .precision import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
+    logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuFallback())
+
+
+class _DeepSpeedCpuFallback(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU ... unable to detect it" warning, which its import prints on
+    every machine without a GPU (transformers and Accelerate import DeepSpeed whenever it is installed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

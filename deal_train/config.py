@@ -96,6 +96,20 @@ class TrainConfig:
                                        "torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, cuDNN "
                                        "deterministic); slower. CPU runs are deterministic without it.")
 
+    # --- memory savings (README "Profiles"; deal_train/precision.py) ----------------------------
+    model_dtype: str = _f("float32", "Weight dtype of the frozen base model: bfloat16/float16 halve its memory. "
+                                     "Trainable LoRA and DEAL tensors stay float32 whatever this is.",
+                          ("float32", "bfloat16", "float16"))
+    gradient_checkpointing: bool = _f(False, "Recompute each decoder layer's activations in the backward pass "
+                                             "(torch non-reentrant checkpointing): less activation memory, about "
+                                             "one extra forward pass of time.")
+    load_in_8bit: bool = _f(False, "Load the base model's linear layers as bitsandbytes LLM.int8 (8-bit) weights "
+                                   "(needs the bnb extra: pip install -e .[bnb]).")
+    load_in_4bit: bool = _f(False, "Load the base model's linear layers as bitsandbytes NF4 4-bit weights with "
+                                   "double quantisation, computing in model_dtype (QLoRA-style; bnb extra).")
+    optim: str = _f("adamw", "Optimizer: adamw (torch.optim.AdamW) or adamw_8bit (bitsandbytes AdamW8bit: 8-bit "
+                             "moments for tensors of 4096 elements or more).", ("adamw", "adamw_8bit"))
+
     # --- data --------------------------------------------------------------------------------
     max_train_samples: int = _f(1000, "Training rows per task (at most; 0 = all).")
     max_test_samples: int = _f(500, "Test rows per task (at most; 0 = all).")
@@ -291,3 +305,5 @@ def validate(cfg: TrainConfig) -> None:
     for entry in cfg.hub_datasets:
         if "=" not in entry or not entry.split("=", 1)[1].strip():
             raise ConfigError(f"hub_datasets entry {entry!r}: write task=owner/name or task=owner/name:config.")
+    if cfg.load_in_8bit and cfg.load_in_4bit:
+        raise ConfigError("load_in_8bit and load_in_4bit are both true: choose one quantisation of the base model.")

@@ -15,6 +15,7 @@ from rouge_score import rouge_scorer
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import collate_eval
 
 _SPECIAL_TOKEN = re.compile(r"<\|?[a-zA-Z_/]+\|?>")
@@ -83,8 +84,14 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
     prompt_echoed = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     out: list[dict] = []
     indices = list(range(len(features)))
+    # ZeRO-3: every forward pass gathers weights from all ranks, so all ranks run the same number of batches and
+    # generation steps (synced_gpus); short shards repeat their last row, dropped again after the gather
+    synced = accelerator is not None and accelerator.num_processes > 1 and distributed.keeps_engine(accelerator)
     if accelerator is not None and accelerator.num_processes > 1:
         indices = indices[accelerator.process_index::accelerator.num_processes]
+        if synced:
+            per_rank = -(-len(features) // accelerator.num_processes)
+            indices = indices + (indices[-1:] or [0]) * (per_rank - len(indices))
         shard = features.select(indices)
         loader = DataLoader(shard, batch_size=batch_size, shuffle=False,
                             collate_fn=lambda b: collate_eval(b, tokenizer.pad_token_id))
@@ -93,7 +100,8 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             **({"synced_gpus": True} if synced else {}))
         new_tokens = gen[:, ids.shape[1]:] if prompt_echoed else gen[:, 1:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for idx, text, label in zip(batch["index"], texts, batch["labels"]):
@@ -101,7 +109,7 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        out = gather_object(out)
+        out = list({r["index"]: r for r in gather_object(out)}.values())  # one row per index
     model.train(was_training)
     out.sort(key=lambda r: r["index"])
     return out

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import enable_full_determinism
 
-from . import adapter_change
+from . import adapter_change, distributed, precision
 from .checkpointing import StepCheckpointer, StopSignals, TaskProgress
 from .config import LEGACY_DEFAULTS, ConfigError, TrainConfig
 from .data import Encoder, collate_train, encoder_for, sample_rows, split_validation
@@ -36,7 +36,7 @@ from .data.sources import task_source
 from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
 from .losses import answer_forward, token_cross_entropy_sum
 from .methods import ContinualMethod, get_method
-from .models import check_target_modules, load_model, load_tokenizer, with_model_defaults
+from .models import check_target_modules, load_tokenizer, with_model_defaults
 from .outputs import (atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
                       write_predictions)
 
@@ -175,18 +175,23 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
             is written first when ``checkpoints`` is given).
     """
     set_seed(cfg.seed + task_index)  # same state at each task start, also after a resume
+    distributed.gather_adapters(model)  # ZeRO-3: the methods read adapter tensors between forward passes
     method.before_task(model, task_index, data.train_rows)
+    precision.check_trainable_float32(model)
     start_factors = adapter_change.snapshot(model, method.trained_adapter())
     groups = [g for g in method.param_groups(model) if g["params"]]
     n_trainable = sum(p.numel() for g in groups for p in g["params"])
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = precision.build_optimizer(cfg, groups)
     generator = torch.Generator().manual_seed(cfg.seed + task_index)
     train_set = concatenate_datasets([data.train_features, *data.replay_features]) if data.replay_features \
         else data.train_features
     loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
                         generator=generator, collate_fn=lambda b: collate_train(b, pad_token_id))
-    accelerator.free_memory()
+    accelerator.free_memory()  # also destroys the previous task's DeepSpeed engine
+    distributed.configure_deepspeed(accelerator, cfg, model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if distributed.keeps_engine(accelerator):
+        distributed.check_persistent(accelerator.unwrap_model(model))
     model.train()
     gas = cfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(loader) / gas)
@@ -231,10 +236,18 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
                     accelerator.backward(loss)
                 step_ce += float(ce_sum.detach())
                 progress.samples += batch["input_ids"].shape[0] * accelerator.num_processes
-            # gradients are synchronised here, so every process takes the same skip decision
+            # gradients are synchronised here, so every process takes the same skip decision (DeepSpeed has
+            # already clipped and stepped inside accelerator.backward and reports its norm, or None)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            ce_mean = step_ce * accelerator.num_processes / max(window_tokens, 1)
-            if not (math.isfinite(float(grad_norm)) and math.isfinite(ce_mean) and math.isfinite(step_extra)):
+            grad_norm = 0.0 if grad_norm is None else float(grad_norm)
+            # the step's answer-token CE over all processes (each holds only its own rows' sum), so the logged
+            # loss and the skip decision below are the same on every process and equal a one-process run's
+            window_ce = float(accelerator.gather(torch.tensor([step_ce], dtype=torch.float64,
+                                                              device=accelerator.device)).sum())
+            ce_mean = window_ce / max(window_tokens, 1)
+            if not (math.isfinite(grad_norm) and math.isfinite(ce_mean) and math.isfinite(step_extra)):
+                if accelerator.scaler is not None:
+                    optimizer.step()  # fp16: the GradScaler skips this step itself and lowers the loss scale
                 optimizer.zero_grad(set_to_none=True)
                 bar.update(1)
                 progress.nonfinite += 1
@@ -275,12 +288,14 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     accelerator.gradient_state._set_sync_gradients(True)
     model = accelerator.unwrap_model(model)
     model.eval()
+    distributed.gather_adapters(model)
     own_batches = DataLoader(data.train_features, batch_size=cfg.per_device_train_batch_size, shuffle=False,
                              collate_fn=lambda b: collate_train(b, pad_token_id))
     method.after_task(model, task_index, own_batches)
     change = adapter_change.relative_change(model, start_factors)
     seconds = time.perf_counter() - start
-    accelerator.free_memory()
+    if not distributed.keeps_engine(accelerator):  # ZeRO-3: the engine's hooks run the evaluation's forward passes
+        accelerator.free_memory()
     losses, samples = progress.losses, progress.samples
     stats = {"train_seconds": seconds, "optimizer_steps": total_steps, "train_samples": samples,
              "samples_per_second": samples / seconds if seconds > 0 else 0.0,
@@ -313,6 +328,7 @@ def evaluate_seen(accelerator, model, method: ContinualMethod | None, tokenizer,
 def save_task_outputs(method: ContinualMethod, model, path: str) -> None:
     """The method's adapter and, when it has any, its state (``METHOD_STATE_FILE``) into directory ``path``."""
     method.save_adapter(model, path)
+    distributed.check_saved_adapter(path)
     state = method.state_dict()
     if state:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, METHOD_STATE_FILE))
@@ -360,12 +376,13 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "tensorboard")),
     )
+    distributed.check_profile(cfg, accelerator)
     if cfg.full_determinism:
         enable_full_determinism(cfg.seed)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    base = load_model(cfg.model, tokenizer, trust_remote_code=cfg.trust_remote_code,
-                      allow_pickle=cfg.allow_pickle_weights)
+    base = precision.load_base_model(cfg, tokenizer, accelerator.device,
+                                     reentrant_checkpointing=distributed.keeps_engine(accelerator))
     check_target_modules(base, cfg.target_modules)
     encoder = encoder_for(base.config, tokenizer, cfg.max_source_length, cfg.max_target_length, cfg.chat_template)
     method = get_method(cfg)
@@ -375,7 +392,8 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
     names = [d.task.name for d in datas]
     n = len(datas)
     model = method.wrap(base)
-    model.to(accelerator.device)
+    if not distributed.keeps_engine(accelerator):  # ZeRO-3 moves only each rank's shard to the device
+        model.to(accelerator.device)
     accelerator.init_trackers("deal_train", config=_flat_config(cfg))
     metrics = {
         "tasks": names, "method": cfg.method, "model": cfg.model, "finished": False, "completed_tasks": 0,
@@ -425,6 +443,7 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
         checkpoints.stop_between_tasks(t, n)
         global_step, stats = train_task(accelerator, model, method, d, cfg, t, global_step, tokenizer.pad_token_id,
                                         checkpoints)
+        distributed.gather_adapters(model)  # ZeRO-3: whole adapter tensors for the save (collective)
         if accelerator.is_main_process:
             atomic_write_dir(os.path.join(out, "adapters", f"{t + 1}-{d.task.name}"),
                              lambda tmp: save_task_outputs(method, model, tmp))

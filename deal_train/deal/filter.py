@@ -129,16 +129,23 @@ class DEALFactor(nn.Module):
         super().__init__()
         self.transpose = transpose
         history = weight.detach().t() if transpose else weight.detach()
-        self.register_buffer("history", history.float().clone())
+        self.register_buffer("history", history.float().contiguous().clone())
         self.retention = RetentionStack(self.history, kernel, num_scales, sigma_base, layers, retention_activation)
         self.update = UpdateMLP(history.shape[1], hidden, activation)
-        self.residual = nn.Parameter(torch.zeros_like(self.history)) if residual else None
+        self.residual = nn.Parameter(torch.zeros(self.history.shape)) if residual else None  # contiguous (DeepSpeed flattens it)
         self._out_dtype = weight.dtype
 
-    def factor(self) -> torch.Tensor:
-        """O, shape (n, r), float32."""
-        out = self.update(self.retention(self.history))
-        return out if self.residual is None else out + self.residual
+    def factor(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """O, shape (n, r), float32; with ``params`` (name -> tensor, as ``named_parameters``) computed from those
+        tensors instead of the module's parameters (``torch.func.functional_call``; used under ZeRO-3)."""
+        if params is None:
+            out = self.update(self.retention(self.history))
+            return out if self.residual is None else out + self.residual
+        sub = {part: {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(part + ".")}
+               for part in ("retention", "update")}
+        x_hat = torch.func.functional_call(self.retention, sub["retention"], (self.history,))
+        out = torch.func.functional_call(self.update, sub["update"], (x_hat,))
+        return out if self.residual is None else out + params["residual"]
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         out = self.factor()
@@ -157,9 +164,10 @@ class DEALFactor(nn.Module):
         """[R] with ``residual=True``, else []. Not part of θ1/θ2; the drift penalty covers it."""
         return [] if self.residual is None else [self.residual]
 
-    def drift(self) -> torch.Tensor:
-        """||O - Y||²_F / ||Y||²_F (scalar; denominator clamped at 1e-12 for an all-zero history)."""
-        diff = self.factor() - self.history
+    def drift(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """||O - Y||²_F / ||Y||²_F (scalar; denominator clamped at 1e-12 for an all-zero history); ``params`` as
+        for ``factor``."""
+        diff = self.factor(params) - self.history
         return diff.pow(2).sum() / self.history.pow(2).sum().clamp_min(1e-12)
 
 

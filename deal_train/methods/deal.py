@@ -14,7 +14,8 @@ import torch
 from peft import PeftModel
 from torch.nn.utils import parametrize
 
-from ..deal import DEALFactor, attach, fold, regulariser
+from ..deal import DEALFactor, attach, regulariser
+from ..distributed import live, live_named, writing
 from .adapters import lora_layers
 from .base import ContinualMethod
 
@@ -87,15 +88,15 @@ class DEAL(ContinualMethod):
     def regularisation(self) -> tuple[torch.Tensor, dict[str, float]]:
         """λ1 Σ||θ1 − θ1₀||_a + λ2 Σ||θ2 − θ2₀||_b (Eq. 12, or the raw ||θ|| form) + λ_drift Σ drift."""
         cfg = self.cfg
-        theta1 = [p for f in self.factors for p in f.retention_parameters()]
-        theta2 = [p for f in self.factors for p in f.update_parameters()]
+        theta1 = live([p for f in self.factors for p in f.retention_parameters()])  # gathered copies under ZeRO-3
+        theta2 = live([p for f in self.factors for p in f.update_parameters()])
         raw = cfg.deal_reg_target == "raw"
         r1 = regulariser(theta1, None if raw else self._retention_start, cfg.deal_norm_retention, cfg.deal_reg_form)
         r2 = regulariser(theta2, None if raw else self._update_start, cfg.deal_norm_update, cfg.deal_reg_form)
         total = cfg.deal_lambda_retention * r1 + cfg.deal_lambda_update * r2
         logs = {"deal/reg_retention": float(r1.detach()), "deal/reg_update": float(r2.detach())}
         if cfg.deal_lambda_drift > 0:
-            drift = torch.stack([f.drift() for f in self.factors]).sum()
+            drift = torch.stack([f.drift(live_named(f)) for f in self.factors]).sum()
             total = total + cfg.deal_lambda_drift * drift
             logs["deal/drift"] = float(drift.detach())
         return total, logs
@@ -129,12 +130,21 @@ class DEAL(ContinualMethod):
         self._update_start = [t.float().to(device) for t in upd]
 
     def after_task(self, model: PeftModel, task_index: int, train_batches=None) -> None:
-        """Fold: A <- O_Aᵀ, B <- O_B in place; the adapter is plain LoRA again (and stays frozen)."""
+        """Fold: A <- O_Aᵀ, B <- O_B in place; the adapter is plain LoRA again (and stays frozen).
+
+        The same as ``deal.fold`` on each weight, in two phases so that it also holds under ZeRO-3: every O is
+        computed first (running a parametrization is a forward pass, after which ZeRO-3 may release the weight),
+        then the parametrizations are removed and the values written (``distributed.writing``)."""
         if task_index == 0:
             return
+        linears = [linear for _name, layer in lora_layers(model)
+                   for linear in (layer.lora_A["default"], layer.lora_B["default"])
+                   if parametrize.is_parametrized(linear, "weight")]
         with torch.no_grad():
-            for _name, layer in lora_layers(model):
-                for linear in (layer.lora_A["default"], layer.lora_B["default"]):
-                    if parametrize.is_parametrized(linear, "weight"):
-                        fold(linear, "weight")
+            folded = [linear.weight.detach().clone() for linear in linears]
+            for linear in linears:
+                parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
+            with writing([linear.weight for linear in linears]):
+                for linear, value in zip(linears, folded):
+                    linear.weight.copy_(value)
         self.factors = []

@@ -12,7 +12,9 @@ per-example Fisher would need one per row), ``F_j = mean_b (d CE_b / d theta_j)^
 ``ewc_fisher_batches`` micro batches of the task's own training rows, CE_b the mean answer-token cross-entropy
 of batch b (nats per token), taken in eval mode (no dropout) at theta*. Units: nats² per parameter unit².
 Batch gradients average out part of the per-example noise, so this is smaller than the per-example Fisher (by
-up to the batch size).
+up to the batch size). Under data parallelism every process estimates the same Fisher from the same micro batches
+of ``per_device_train_batch_size`` rows, so it depends on the per-device batch, not on the global one: EWC with 2
+processes x batch b matches one process x batch 2b only up to this estimate (other methods match exactly).
 
 Default ``ewc_lambda = 1000``. Measured on the tiny test model (rank 8, lr 3e-4, batch 8, 12 steps per task):
 the Fisher after one task sums to about 0.5 over its 3,584 LoRA entries (median 7e-8, max 8e-3), and 12 steps
@@ -33,6 +35,7 @@ from typing import Iterable
 import torch
 from peft import PeftModel
 
+from ..distributed import live
 from ..losses import answer_forward, token_cross_entropy_sum
 from .base import ContinualMethod
 
@@ -58,12 +61,13 @@ def diagonal_fisher(model: torch.nn.Module, params: list[tuple[str, torch.nn.Par
         batch = {k: v.to(device) for k, v in batch.items()}
         outputs = answer_forward(model, batch)
         ce_sum, n_tokens = token_cross_entropy_sum(outputs.logits, batch["labels"])
-        (ce_sum / max(n_tokens, 1)).backward()
-        for n, p in params:
-            if p.grad is None:
+        # autograd.grad, not backward: the gradients never reach .grad, so the gradient hooks of DDP and DeepSpeed
+        # (still registered after the task's last step) neither reduce nor take them
+        grads = torch.autograd.grad(ce_sum / max(n_tokens, 1), [p for _n, p in params], allow_unused=True)
+        for (n, _p), g in zip(params, grads):
+            if g is None:
                 raise ValueError(f"EWC Fisher: parameter {n} got no gradient.")
-            sums[n] += p.grad.float() ** 2
-            p.grad = None
+            sums[n] += g.float() ** 2
         count += 1
     model.zero_grad(set_to_none=True)
     if count == 0:
@@ -100,7 +104,8 @@ class EWC(ContinualMethod):
         """sum F (theta - theta*)^2 over the bound parameters (float32 scalar; 0 before the second task)."""
         if not self._terms:
             return torch.zeros(())
-        return torch.stack([(f * (p.float() - a) ** 2).sum() for p, f, a in self._terms]).sum()
+        params = live(p for p, _f, _a in self._terms)  # gathered copies under ZeRO-3
+        return torch.stack([(f * (p.float() - a) ** 2).sum() for p, (_p, f, a) in zip(params, self._terms)]).sum()
 
     def extra_loss(self, model, batch, outputs):
         if not self._terms:
@@ -118,9 +123,9 @@ class EWC(ContinualMethod):
             raise ValueError("EWC needs the finished task's training batches to estimate the Fisher.")
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         fisher = diagonal_fisher(model, params, train_batches, self.cfg.ewc_fisher_batches)
-        for n, p in params:
+        for (n, _p), value in zip(params, live(p for _n, p in params)):
             self.fisher[n] = self.fisher[n] + fisher[n] if n in self.fisher else fisher[n]
-            self.anchor[n] = p.detach().float().clone()
+            self.anchor[n] = value.detach().float().clone()
         self._terms = []
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
+from ..distributed import writing
 from ..losses import answer_forward, answer_logits
 from .adapters import activate, kept_adapter_state
 from .base import ContinualMethod
@@ -40,7 +41,9 @@ class LwF(ContinualMethod):
         if TEACHER_ADAPTER not in model.peft_config:
             model.add_adapter(TEACHER_ADAPTER, self.lora_config())  # inactive and frozen
         state = get_peft_model_state_dict(model, adapter_name=STUDENT_ADAPTER)
-        set_peft_model_state_dict(model, state, adapter_name=TEACHER_ADAPTER)
+        teacher = [p for n, p in model.named_parameters() if f".{TEACHER_ADAPTER}." in n]
+        with writing(teacher):  # under ZeRO-3 the teacher of an earlier task is partitioned
+            set_peft_model_state_dict(model, state, adapter_name=TEACHER_ADAPTER)
         model.set_requires_grad(TEACHER_ADAPTER, requires_grad=False)
 
     def teacher_logits(self, model, batch: dict) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
+from ..distributed import live
 from .adapters import (activate, adapter_parameters, kept_adapter_state, load_named_adapter, lora_layers,
                        save_named_adapter, task_adapter)
 from .base import ContinualMethod
@@ -74,7 +75,9 @@ class OLoRA(ContinualMethod):
 
     def orthogonality(self) -> torch.Tensor:
         """sum_{i<t} sum_layers sum |A_i A_t^T| (a float32 scalar; 0-dim, zero on task 0)."""
-        terms = [torch.mm(a_old, a_new.T).abs().sum() for a_new, olds in self._pairs for a_old in olds]
+        flat = iter(live([t for a_new, olds in self._pairs for t in (a_new, *olds)]))  # gathered copies under ZeRO-3
+        pairs = [(next(flat), [next(flat) for _ in olds]) for _a_new, olds in self._pairs]
+        terms = [torch.mm(a_old, a_new.T).abs().sum() for a_new, olds in pairs for a_old in olds]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def extra_loss(self, model, batch, outputs):
@@ -85,7 +88,8 @@ class OLoRA(ContinualMethod):
         total = cfg.o_lora_lambda_orth * orth
         logs = {"o_lora/orth_loss": float(orth.detach())}
         if cfg.o_lora_lambda_l2 > 0:
-            l2 = torch.stack([p.norm() for _n, p in adapter_parameters(model, task_adapter(self.task_index))]).sum()
+            new = live(p for _n, p in adapter_parameters(model, task_adapter(self.task_index)))
+            l2 = torch.stack([p.norm() for p in new]).sum()
             total = total + cfg.o_lora_lambda_l2 * l2
             logs["o_lora/l2_loss"] = float(l2.detach())
         return total, logs
@@ -102,9 +106,24 @@ class OLoRA(ContinualMethod):
         with kept_adapter_state(model):
             model.base_model.add_weighted_adapter(names, [1.0] * len(names), CAT_ADAPTER, combination_type="cat")
             try:
+                self._float32_cat(model, names)
                 save_named_adapter(model, CAT_ADAPTER, path)
             finally:
                 model.delete_adapter(CAT_ADAPTER)
+
+    @staticmethod
+    def _float32_cat(model: PeftModel, names: list[str]) -> None:
+        """PEFT creates the ``cat`` adapter in the dtype of the base layers (new adapters follow the base weight's
+        dtype), which on a bfloat16/float16 base rounds ``A_i · scaling_i`` to 16 bits. Recompute such a ``cat`` in
+        float32 from the float32 task adapters, with PEFT's formula for weights 1 (rows ``A_i · scaling_i``,
+        columns ``B_i``)."""
+        with torch.no_grad():
+            for _n, layer in lora_layers(model, CAT_ADAPTER):
+                a_cat, b_cat = layer.lora_A[CAT_ADAPTER].weight, layer.lora_B[CAT_ADAPTER].weight
+                if a_cat.dtype == torch.float32 and b_cat.dtype == torch.float32:
+                    continue
+                a_cat.data = torch.cat([layer.lora_A[n].weight * layer.scaling[n] for n in names], dim=0).float()
+                b_cat.data = torch.cat([layer.lora_B[n].weight for n in names], dim=1).float()
 
     def load_adapter_weights(self, model: PeftModel, paths: list[str]) -> None:
         """Rebuild adapters ``task_0 .. task_{k-1}`` from the concatenated adapter saved after task k.

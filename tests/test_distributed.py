@@ -1,0 +1,215 @@
+"""Distributed profiles really run on the CPU: 2-process DDP through ``accelerate launch --config_file
+accelerate_configs/multi_cpu.yaml``, DeepSpeed ZeRO-2 and ZeRO-3 at world size 1 (``DS_ACCELERATOR=cpu``), all
+on DEAL (task 1 LoRA, task 2 DEAL's parametrization and fold), compared with one in-process run with the same
+global batch.
+
+Tolerance: the adapters after each task agree within 1e-6 (float32; measured differences 0 to 4e-8). DDP
+averages the two processes' gradients (each the sum over its rows divided by the global answer-token count), so
+the sums run in another order than one process summing all rows; AdamW's first step moves every entry by about
+lr = 5e-3 whatever the gradient size, so a sign flip of a vanishing gradient entry would show as a 1e-2 jump, and
+1e-6 is far above float32 rounding and far below any such difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deal_train.config import TrainConfig
+from deal_train.loop import run
+
+from conftest import REPO, TINY_RUN
+
+TOL = 1e-6
+ARGS = ["--model", "tiny-random-llama", "--method", "deal", "--tasks", "dbpedia,amazon", "--max_train_samples", "8",
+        "--max_test_samples", "4", "--max_source_length", "128", "--max_new_tokens", "3",
+        "--per_device_eval_batch_size", "4", "--learning_rate", "5e-3", "--lora_rank", "4"]
+TASKS = ["1-dbpedia", "2-amazon"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(profile: str, out, *extra: str, script: str | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file accelerate_configs/<profile>.yaml`` of the CLI (or of ``script``). The
+    multi-CPU profile's processes are started by torchrun, one ``accelerate launch`` each (Accelerate itself
+    starts multi-CPU processes only through mpirun; see accelerate_configs/multi_cpu.yaml)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    target = [script] if script else ["-m", "deal_train"]
+    port = str(_free_port())
+    starter = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port] \
+        if profile == "multi_cpu" else [sys.executable]
+    cmd = [*starter, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "accelerate_configs" / f"{profile}.yaml"), "--main_process_port", port,
+           *target, *ARGS, "--output_dir", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # the CLI keeps bitsandbytes' CPU import warnings (PEFT imports it) off the console
+    assert "bitsandbytes" not in proc.stderr and "gemm_4bit" not in proc.stderr, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, batch 4 (the global batch of every launched run), fp32."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    cfg = TrainConfig(method="deal", output_dir=str(out), **TINY_RUN)
+    assert cfg.per_device_train_batch_size == 4 and cfg.max_train_samples == 8
+    return out, run(cfg)
+
+
+def _adapters(out) -> list[dict[str, torch.Tensor]]:
+    return [load_file(out / "adapters" / t / "adapter_model.safetensors") for t in TASKS]
+
+
+def _assert_same_adapters(out, ref_out):
+    for task, got, want in zip(TASKS, _adapters(out), _adapters(ref_out)):
+        assert got.keys() == want.keys(), task
+        for k in want:
+            assert got[k].shape == want[k].shape and got[k].numel() > 0, (task, k)
+            torch.testing.assert_close(got[k], want[k], atol=TOL, rtol=0, msg=f"{task} {k}")
+    first, second = _adapters(ref_out)
+    assert any((first[k] - second[k]).abs().max() > 100 * TOL for k in first), "DEAL's task 2 changed nothing"
+
+
+def test_ddp_two_processes_equal_one_process(reference, tmp_path):
+    ref_out, ref_metrics = reference
+    proc = _launch("multi_cpu", tmp_path / "ddp", "--per_device_train_batch_size", "2")
+    assert proc.stdout.count("Average accuracy") == 1  # printed by the main process only
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["finished"]
+    assert [p["train_samples"] for p in metrics["per_task"]] == [p["train_samples"] for p in ref_metrics["per_task"]]
+    for key in ("final_loss", "mean_loss"):  # the logged loss is the global one, not rank 0's share
+        assert [p[key] for p in metrics["per_task"]] == pytest.approx([p[key] for p in ref_metrics["per_task"]],
+                                                                       rel=1e-5), key
+    assert metrics["accuracy_matrix"] == ref_metrics["accuracy_matrix"]
+    _assert_same_adapters(tmp_path / "ddp", ref_out)
+
+
+def test_deepspeed_zero2_world_size_1(reference, tmp_path):
+    ref_out, _ = reference
+    _launch("deepspeed_zero2", tmp_path / "z2", "--per_device_train_batch_size", "4", "--mixed_precision", "no")
+    _assert_same_adapters(tmp_path / "z2", ref_out)
+
+
+ZERO3_PROBE = '''
+"""Runs the CLI under ZeRO-3 and records, right after each task's accelerator.prepare, what ZeRO-3 did to the
+adapter tensors and to DEAL's buffers; then checks the profile refusals with the live DeepSpeed state."""
+import json, sys
+from deal_train import cli
+cli.quiet_libraries()  # before anything imports PEFT (and with it bitsandbytes), as cli.main does
+from safetensors.torch import save_file
+from accelerate import Accelerator
+from deal_train import distributed
+from deal_train.config import ConfigError, TrainConfig
+from deal_train.deal import DEALFactor
+from deal_train.precision import adapter_parameters
+
+record = {"tasks": []}
+buffers = {}
+check = distributed.check_persistent
+
+def probe(model):
+    check(model)
+    factors = [(n, m) for n, m in model.named_modules() if isinstance(m, DEALFactor)]
+    adapters = adapter_parameters(model)
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    record["tasks"].append({
+        "factors": len(factors),
+        "leaf": all(getattr(m, "_z3_leaf", False) for _n, m in factors),
+        "adapters_zero_persistent": all(hasattr(p, "ds_id") and p.ds_persist for _n, p in adapters),
+        "base_zero_sharded": sum(hasattr(p, "ds_id") and not p.ds_persist for p in base),
+        "zero_buffers": sum(hasattr(b, "ds_id") for _n, m in factors for b in m.buffers()),
+    })
+    for n, m in factors:
+        for b, t in m.named_buffers():
+            buffers[f"{n}.{b}"] = t.detach().clone().contiguous()
+
+distributed.check_persistent = probe
+code = cli.main(sys.argv[1:])
+acc = Accelerator()
+record["stage"] = distributed.zero_stage(acc)
+for key, value in (("load_in_8bit", True), ("eval_zero_shot", True)):
+    try:
+        distributed.check_profile(TrainConfig(**{key: value}), acc)
+        record[key] = None
+    except ConfigError as err:
+        record[key] = str(err)
+out = sys.argv[sys.argv.index("--output_dir") + 1]
+save_file(buffers, out + "/zero3_buffers.safetensors")
+with open(out + "/zero3_probe.json", "w") as fh:
+    json.dump(record, fh)
+sys.exit(code)
+'''
+
+
+def test_deepspeed_zero3_keeps_deal_history_and_saves_complete_adapters(reference, tmp_path):
+    """ZeRO-3 with gradient checkpointing (reentrant under ZeRO-3), against the one-process run without it."""
+    ref_out, _ = reference
+    script = tmp_path / "zero3_probe.py"
+    script.write_text(ZERO3_PROBE)
+    out = tmp_path / "z3"
+    _launch("deepspeed_zero3", out, "--per_device_train_batch_size", "4", "--mixed_precision", "no",
+            "--gradient_checkpointing", "true", script=str(script))
+    probe = json.loads((out / "zero3_probe.json").read_text())
+    assert probe["stage"] == 3
+    first, second = probe["tasks"]
+    assert first["factors"] == 0 and second["factors"] == 8  # 2 layers x q,v x A,B
+    for task in probe["tasks"]:
+        assert task["adapters_zero_persistent"] and task["base_zero_sharded"] > 0 and task["zero_buffers"] == 0
+    assert second["leaf"]
+    # DEAL's buffers are whole and hold task 1's adapter (Y = A^T or B) and its exact thin SVD
+    task1 = load_file(out / "adapters" / "1-dbpedia" / "adapter_model.safetensors")
+    buffers = load_file(out / "zero3_buffers.safetensors")
+    histories = {k: v for k, v in buffers.items() if k.endswith(".history")}
+    assert len(histories) == 8
+    for name, history in histories.items():
+        module = name.split(".default.parametrizations")[0]  # ...q_proj.lora_A
+        saved = task1[f"{module}.weight"]
+        assert torch.equal(history, saved.t() if module.endswith("lora_A") else saved), name
+        prefix = name[: -len("history")] + "retention.layers.0."
+        u, s, vh = (buffers[prefix + b] for b in ("U", "s", "Vh"))
+        torch.testing.assert_close(u @ torch.diag(s) @ vh, history, atol=1e-6, rtol=1e-5)
+    # the adapters saved under ZeRO-3 are complete and equal the one-process run's
+    _assert_same_adapters(out, ref_out)
+    assert "ZeRO-3" in probe["load_in_8bit"] and "eval_zero_shot" in probe["eval_zero_shot"]
+
+
+def test_profiles_parse_and_name_their_deepspeed_configs():
+    """Every accelerate_configs/*.yaml loads with Accelerate's own config reader; the DeepSpeed ones name an existing
+    ds_configs/*.json whose run-dependent values are "auto" (filled by Accelerate and deal_train) and set no
+    mixed_precision (Accelerate refuses one next to a DeepSpeed config file)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"a100_fp16": ("NO", "fp16", 1), "multi_gpu_bf16": ("MULTI_GPU", "bf16", 2), "cpu": ("NO", "no", 1),
+                "multi_cpu": ("MULTI_CPU", "no", 2), "deepspeed_zero2": ("DEEPSPEED", "none", 1),
+                "deepspeed_zero3": ("DEEPSPEED", "none", 1), "deepspeed_zero2_offload": ("DEEPSPEED", "none", 1)}
+    found = {p.stem for p in (REPO / "accelerate_configs").glob("*.yaml")}
+    assert found == set(expected)
+    for name, (dist, precision, procs) in expected.items():
+        cfg = load_config_from_file(str(REPO / "accelerate_configs" / f"{name}.yaml"))
+        assert (str(cfg.distributed_type).split(".")[-1], str(cfg.mixed_precision).split(".")[-1].lower(),
+                cfg.num_processes) == (dist, precision, procs), name
+        if dist == "DEEPSPEED":
+            path = REPO / cfg.deepspeed_config["deepspeed_config_file"]
+            ds = json.loads(path.read_text())
+            stage = {"deepspeed_zero2": 2, "deepspeed_zero2_offload": 2, "deepspeed_zero3": 3}[name]
+            assert ds["zero_optimization"]["stage"] == stage
+            for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+                assert ds[key] == "auto", (name, key)
+            assert ds["fp16"]["enabled"] == "auto" and ds["bf16"]["enabled"] == "auto"
+            assert "optimizer" not in ds and "scheduler" not in ds
+            offload = ds["zero_optimization"].get("offload_optimizer", {}).get("device")
+            assert (offload == "cpu") == name.endswith("offload")
+            if stage == 3:
+                assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == "auto"
