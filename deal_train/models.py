@@ -6,6 +6,11 @@ Aliases:
         result as safetensors under ``$DEAL_TRAIN_CACHE`` (default ``~/.cache/deal_train``); later loads take ~1 s.
     ``tiny-random-llama``: a randomly initialised two-layer LLaMA (hidden 64) with SmolLM2's tokenizer,
         weights drawn with a fixed seed, for smoke tests and the test suite.
+
+Architecture-only models (``deal_train.architectures``): ``t5-large-arch``, ``llama-3.1-8b-arch``,
+``smollm2-135m-arch`` build a randomly initialised model of that published architecture from a config written in
+the code (no download; seeded). Their tokenizer is SmolLM2's: its ids (< 49,152) fit the LLaMA vocabularies; they
+do not fit T5's 32,128 (``token_ids_fit``), so T5 benchmarks draw random ids of the same lengths.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import tempfile
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from .architectures import ARCHITECTURES, architecture_config, is_architecture
 from .config import ConfigError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -92,11 +98,11 @@ def resolve_model_path(name: str) -> str:
     Raises:
         ConfigError: ``name`` looks like a local path (absolute, ``./``, ``~`` or nested) that does not exist.
     """
-    if name in (SMOLLM2_ALIAS, TINY_LLAMA_ALIAS):
+    if name in (SMOLLM2_ALIAS, TINY_LLAMA_ALIAS) or is_architecture(name):
         return _smollm2_local_dir()
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ConfigError(f"Model path not found: {name}. Give an existing directory, a Hugging Face id, or an "
-                          f"alias ({SMOLLM2_ALIAS}, {TINY_LLAMA_ALIAS}).")
+                          f"alias ({SMOLLM2_ALIAS}, {TINY_LLAMA_ALIAS}, {', '.join(ARCHITECTURES)}).")
     return name
 
 
@@ -127,12 +133,51 @@ def tiny_llama_config(tokenizer) -> LlamaConfig:
     )
 
 
+def token_ids_fit(name: str, tokenizer) -> bool:
+    """True when every id of ``tokenizer`` is below the vocabulary size of model ``name`` (always True for models
+    that are not architecture-only: they come with their own tokenizer)."""
+    if not is_architecture(name):
+        return True
+    return len(tokenizer) <= architecture_config(name).vocab_size
+
+
+def build_architecture(name: str, tokenizer=None, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None) -> PreTrainedModel:
+    """A randomly initialised model of the published architecture ``name`` (``deal_train.architectures``), built
+    directly on ``device`` (default CPU) in ``dtype``, weights drawn with seed 0, in eval mode. LLaMA
+    architectures give a causal LM, T5 a seq2seq LM. When ``tokenizer``'s ids fit the vocabulary, its pad token is
+    the model's pad token.
+
+    Raises:
+        ConfigError: ``name`` is not an architecture name.
+    """
+    if not is_architecture(name):
+        raise ConfigError(f"Unknown architecture '{name}'; known: {', '.join(ARCHITECTURES)}.")
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = architecture_config(name)
+    if tokenizer is not None and token_ids_fit(name, tokenizer) and not config.is_encoder_decoder:
+        config.pad_token_id = tokenizer.pad_token_id
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    device = torch.device(device or "cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        with device:
+            model = auto.from_config(config, dtype=dtype)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = config.pad_token_id
+    return model.eval()
+
+
 def load_model(name: str, tokenizer, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The base causal LM for a model id, local directory or alias, in eval mode.
+    """The base model for a model id, local directory, alias or architecture name, in eval mode (a causal LM,
+    or for the ``t5-large-arch`` architecture a seq2seq LM).
 
     Raises:
         ConfigError: the path does not exist or the model cannot be loaded (offline, bad files).
     """
+    if is_architecture(name):
+        return build_architecture(name, tokenizer, dtype)
     if name == TINY_LLAMA_ALIAS:
         with torch.random.fork_rng():
             torch.manual_seed(0)  # the same "pretrained" tiny model in every run
