@@ -578,8 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.measure_steps > 0:
             m = measure(cfg, [cfg.method], args.measure_steps, args.measure_task)[cfg.method]
             e = m["estimate"]
-            print(f"\nmeasured on this machine ({args.measure_steps} steps of batch {m['batch_size']}, longest row "
-                  f"{m['seq_len']} tokens, {m['source']}): {m['measured_bytes'] / GIB:.3f} GiB; estimate of that run "
+            shape = ", ".join(f"{k} {v}" for k, v in e["tokens"].items())
+            print(f"\nmeasured on this machine ({args.measure_steps} optimizer step(s); longest rows: {shape}; "
+                  f"{m['source']}): {m['measured_bytes'] / GIB:.3f} GiB; estimate of that run "
                   f"{e['peak_bytes'] / GIB:.3f} GiB (estimate / measured = {m['ratio']:.3f})")
             out["measurement"] = m
         if args.json:

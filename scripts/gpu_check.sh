@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU check, about 3-5 minutes (limit 8): the efficiency benchmark of the paper's Table 9/10 setting and the
+# One-GPU check, under 8 minutes (each step has a time limit): the efficiency benchmark of the paper's Table 9/10 setting and the
 # memory estimate checked against the GPU's allocator.
 #
 #   GPU_CHECK_OUT=/path/to/results scripts/gpu_check.sh
