@@ -22,6 +22,7 @@ from .cli import build_parser, quiet_libraries, run_cli
 from .config import PROFILES, ConfigError, TrainConfig, validate
 from .loop import METRICS_FILE, comparable_config, run
 from .methods import METHODS
+from .profiling import reset_peak_rss
 from .outputs import atomic_write_json, atomic_write_text, plot_average_accuracy
 
 COMPARISON_MD = "comparison.md"
@@ -80,17 +81,6 @@ def finished_metrics(cfg: TrainConfig) -> dict | None:
         raise ConfigError(f"{cfg.output_dir} holds a finished run with other settings (keys: {', '.join(diff)}). "
                           f"Use another --output_dir, or --overwrite_output_dir true to rerun every method.")
     return old
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak resident set size (Linux: write 5 to ``/proc/self/clear_refs``), so that the
-    ``peak_rss_bytes`` of the next in-process run is that run's own. Returns False where it is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_summary(metrics: dict) -> dict:

@@ -61,7 +61,8 @@ class TrainConfig:
     # --- model and adapter -------------------------------------------------------------------
     model: str = _f("smollm2-135m-instruct",
                     "Hugging Face id or local directory (decoder-only or encoder-decoder such as T5), or an alias: "
-                    "smollm2-135m-instruct, tiny-random-llama, tiny-random-t5.")
+                    "smollm2-135m-instruct, tiny-random-llama, tiny-random-t5; or an architecture-only model (random "
+                    "weights, no download): smollm2-135m-arch, llama-3.1-8b-arch, t5-large-arch.")
     chat_template: bool = _f(True, "Wrap the prompt in the tokenizer's chat template (when it has one; decoder-only "
                                    "models only).")
     trust_remote_code: bool = _f(False, "Allow a model directory or Hub id to run its own Python code "
@@ -172,6 +173,14 @@ class TrainConfig:
     ewc_fisher_batches: int = _f(8, "EWC: training micro batches of a finished task used to estimate its Fisher.")
     lwf_temperature: float = _f(2.0, "LwF: softmax temperature of the distillation from the model before the task.")
     lwf_weight: float = _f(1.0, "LwF: weight of the distillation KL on the answer tokens.")
+
+    # --- profiling (deal_train.profiling) ---------------------------------------------------------
+    profile_memory: bool = _f(False, "Measure each task's peak memory while training and while evaluating (CUDA: "
+                                     "max_memory_allocated/reserved; CPU: peak RSS, reset before each phase) and "
+                                     "write it to metrics.json (per_task) and TensorBoard (memory/...).")
+    memory_snapshot: bool = _f(False, "With profile_memory on CUDA: dump an allocator snapshot of each task's "
+                                      "training to <output_dir>/memory_snapshots/<t>-<task>.pickle (open it at "
+                                      "https://pytorch.org/memory_viz).")
 
     def resolved_data_dir(self) -> str:
         """The CL_Benchmark directory to read: ``data_dir``, else ``$DEAL_TRAIN_DATA_DIR``, else ``../shared/cl_benchmark``."""
@@ -307,3 +316,6 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"hub_datasets entry {entry!r}: write task=owner/name or task=owner/name:config.")
     if cfg.load_in_8bit and cfg.load_in_4bit:
         raise ConfigError("load_in_8bit and load_in_4bit are both true: choose one quantisation of the base model.")
+    if cfg.memory_snapshot and not cfg.profile_memory:
+        raise ConfigError("memory_snapshot: true needs profile_memory: true (the snapshot is taken by the memory "
+                          "profiler); set both.")

@@ -39,6 +39,7 @@ from .methods import ContinualMethod, get_method
 from .models import check_target_modules, load_tokenizer, with_model_defaults
 from .outputs import (atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
                       write_predictions)
+from .profiling import memory_phase, memory_scalars, memory_stats
 
 METRICS_FILE = "metrics.json"
 METHOD_STATE_FILE = "method_state.safetensors"
@@ -441,17 +442,22 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
     for t in range(start_task, n):
         d = datas[t]
         checkpoints.stop_between_tasks(t, n)
-        global_step, stats = train_task(accelerator, model, method, d, cfg, t, global_step, tokenizer.pad_token_id,
-                                        checkpoints)
+        snapshot = os.path.join(out, "memory_snapshots", f"{t + 1}-{d.task.name}.pickle")
+        with memory_phase(cfg.profile_memory, accelerator.device, snapshot if cfg.memory_snapshot else None) \
+                as train_memory:
+            global_step, stats = train_task(accelerator, model, method, d, cfg, t, global_step,
+                                            tokenizer.pad_token_id, checkpoints)
         distributed.gather_adapters(model)  # ZeRO-3: whole adapter tensors for the save (collective)
         if accelerator.is_main_process:
             atomic_write_dir(os.path.join(out, "adapters", f"{t + 1}-{d.task.name}"),
                              lambda tmp: save_task_outputs(method, model, tmp))
         eval_start = time.perf_counter()
-        results = evaluate_seen(accelerator, model, method, tokenizer, datas, t, cfg,
-                                os.path.join(out, "predictions", f"after_{t + 1}-{d.task.name}"))
+        with memory_phase(cfg.profile_memory, accelerator.device) as eval_memory:
+            results = evaluate_seen(accelerator, model, method, tokenizer, datas, t, cfg,
+                                    os.path.join(out, "predictions", f"after_{t + 1}-{d.task.name}"))
         stats["eval_seconds"] = time.perf_counter() - eval_start
         stats["peak_rss_bytes"] = peak_rss_bytes()
+        stats.update(memory_stats(train_memory, eval_memory))
         for i, s in enumerate(results):
             metrics["accuracy_matrix"][i][t] = s["exact_match"]
             metrics["rouge1_matrix"][i][t] = s["rouge1"]
@@ -459,6 +465,7 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
         logs = {f"eval/{datas[i].task.name}/exact_match": s["exact_match"] for i, s in enumerate(results)}
         logs.update({f"eval/{datas[i].task.name}/rouge1": s["rouge1"] for i, s in enumerate(results)})
         logs["eval/average_accuracy"] = seen_aa
+        logs.update(memory_scalars(stats))
         accelerator.log(logs, step=global_step)
         metrics["per_task"].append({"task": d.task.name, **stats, "average_accuracy_so_far": seen_aa})
         metrics["completed_tasks"] = t + 1

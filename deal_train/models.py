@@ -13,6 +13,11 @@ Aliases:
 
 Model kinds: a config with ``is_encoder_decoder`` (T5, Flan-T5, BART, ...) loads as ``AutoModelForSeq2SeqLM``,
 anything else as ``AutoModelForCausalLM``; ``default_target_modules`` and ``peft_task_type`` follow the kind.
+
+Architecture-only models (``deal_train.architectures``): ``t5-large-arch``, ``llama-3.1-8b-arch``,
+``smollm2-135m-arch`` build a randomly initialised model of that published architecture from a config written in
+the code (no download; seeded). Their tokenizer is SmolLM2's: its ids (< 49,152) fit the LLaMA vocabularies; they
+do not fit T5's 32,128 (``token_ids_fit``), so T5 benchmarks draw random ids of the same lengths.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LlamaConfig,
                           LlamaForCausalLM, PretrainedConfig, PreTrainedModel, T5Config, T5ForConditionalGeneration)
 
+from .architectures import ARCHITECTURES, architecture_config, is_architecture
 from .config import ConfigError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -104,11 +110,11 @@ def resolve_model_path(name: str) -> str:
     Raises:
         ConfigError: ``name`` looks like a local path (absolute, ``./``, ``~`` or nested) that does not exist.
     """
-    if name in ALIASES:
+    if name in ALIASES or is_architecture(name):
         return _smollm2_local_dir()
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise ConfigError(f"Model path not found: {name}. Give an existing directory, a Hugging Face id, or an "
-                          f"alias ({', '.join(ALIASES)}).")
+                          f"alias ({', '.join(ALIASES)}, {', '.join(ARCHITECTURES)}).")
     return name
 
 
@@ -183,6 +189,42 @@ def tiny_t5_config(tokenizer) -> T5Config:
     )
 
 
+def token_ids_fit(name: str, tokenizer) -> bool:
+    """True when every id of ``tokenizer`` is below the vocabulary size of model ``name`` (always True for models
+    that are not architecture-only: they come with their own tokenizer)."""
+    if not is_architecture(name):
+        return True
+    return len(tokenizer) <= architecture_config(name).vocab_size
+
+
+def build_architecture(name: str, tokenizer=None, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None) -> PreTrainedModel:
+    """A randomly initialised model of the published architecture ``name`` (``deal_train.architectures``), built
+    directly on ``device`` (default CPU) in ``dtype``, weights drawn with seed 0, in eval mode. LLaMA
+    architectures give a causal LM, T5 a seq2seq LM. When ``tokenizer``'s ids fit the vocabulary, its pad token is
+    the model's pad token.
+
+    Raises:
+        ConfigError: ``name`` is not an architecture name.
+    """
+    if not is_architecture(name):
+        raise ConfigError(f"Unknown architecture '{name}'; known: {', '.join(ARCHITECTURES)}.")
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = architecture_config(name)
+    if tokenizer is not None and token_ids_fit(name, tokenizer) and not config.is_encoder_decoder:
+        config.pad_token_id = tokenizer.pad_token_id
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    device = torch.device(device or "cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        with device:
+            model = auto.from_config(config, dtype=dtype)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = config.pad_token_id
+    return model.eval()
+
+
 def is_encoder_decoder(config: PretrainedConfig) -> bool:
     """True for encoder-decoder (seq2seq) configs such as T5 and BART."""
     return bool(getattr(config, "is_encoder_decoder", False))
@@ -196,6 +238,8 @@ def model_config(name: str, tokenizer=None, trust_remote_code: bool = False) -> 
     Raises:
         ConfigError: the path does not exist or its config cannot be read (offline, bad files).
     """
+    if is_architecture(name):
+        return architecture_config(name)
     if name in (TINY_LLAMA_ALIAS, TINY_T5_ALIAS):
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name)
         return tiny_llama_config(tokenizer) if name == TINY_LLAMA_ALIAS else tiny_t5_config(tokenizer)
@@ -248,8 +292,8 @@ def peft_task_type(model: torch.nn.Module) -> str:
 
 def load_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                allow_pickle: bool = False) -> PreTrainedModel:
-    """The base model for a model id, local directory or alias, in eval mode: ``AutoModelForSeq2SeqLM`` for
-    encoder-decoder configs, ``AutoModelForCausalLM`` otherwise.
+    """The base model for a model id, local directory, alias or architecture name (``build_architecture``), in
+    eval mode: ``AutoModelForSeq2SeqLM`` for encoder-decoder configs, ``AutoModelForCausalLM`` otherwise.
 
     The tiny aliases keep an empty ``name_or_path`` (a name that is not a directory would make PEFT look it up on
     the Hub at every adapter save); ``deal_train.export`` finds their base model in the run's ``metrics.json``.
@@ -261,6 +305,8 @@ def load_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, trust_r
         ConfigError: the path does not exist, the model cannot be loaded (offline, bad files), its weights are
             pickle-only and ``allow_pickle`` is off, or it needs its own code and ``trust_remote_code`` is off.
     """
+    if is_architecture(name):
+        return build_architecture(name, tokenizer, dtype)
     if name in (TINY_LLAMA_ALIAS, TINY_T5_ALIAS):
         with torch.random.fork_rng():
             torch.manual_seed(0)  # the same "pretrained" tiny model in every run

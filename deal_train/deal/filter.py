@@ -173,15 +173,18 @@ class DEALFactor(nn.Module):
 
 def p_norm(x: torch.Tensor, p: float) -> torch.Tensor:
     """||x||_p = (sum |x|^p)^(1/p), computed as m · ||x / m||_p with m = max |x| (constant) so that large p
-    (the paper's a = 10) neither underflows nor overflows in float32. Gradient 0 at x = 0 (not NaN)."""
-    m = x.detach().abs().max()
-    if float(m) == 0.0:
-        return (x * 0.0).sum()
-    return m * torch.linalg.vector_norm(x / m, ord=p)
+    (the paper's a = 10) neither underflows nor overflows in float32. Gradient 0 at x = 0 (not NaN). No host sync
+    (the x = 0 case is a ``torch.where``, not a Python branch), so it does not stall a GPU."""
+    m = x.detach().abs().amax()
+    return m * torch.linalg.vector_norm(x / torch.where(m > 0, m, torch.ones_like(m)), ord=p)
 
 
 def regulariser(params: list[torch.Tensor], starts: list[torch.Tensor] | None, p: float, form: str) -> torch.Tensor:
     """Sum over parameter tensors of ||θ - θ₀||_p (``form='norm'``) or ||θ - θ₀||_p^p (``form='power'``).
+
+    Tensors of the same shape (DEAL has one gains, centres, W1, b1, W2, b2 per factor, i.e. a few shapes for
+    hundreds of factors) are stacked and reduced together: the same value as a loop over tensors with ``p_norm``,
+    in a few dozen kernels instead of thousands, and without host syncs.
 
     Args:
         params: the current parameters.
@@ -192,12 +195,19 @@ def regulariser(params: list[torch.Tensor], starts: list[torch.Tensor] | None, p
         A scalar tensor (float32) with gradients to ``params``.
     """
     total = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
+    groups: dict[tuple, list[int]] = {}
     for i, theta in enumerate(params):
-        x = theta.float() if starts is None else theta.float() - starts[i]
+        groups.setdefault((tuple(theta.shape), theta.device), []).append(i)
+    for idx in groups.values():
+        x = torch.stack([params[i].float() for i in idx]).flatten(1)                  # G × numel
+        if starts is not None:
+            x = x - torch.stack([starts[i] for i in idx]).flatten(1).to(x.device)
         if form == "power":
             total = total + x.abs().pow(p).sum()
-        else:
-            total = total + p_norm(x, p)
+            continue
+        m = x.detach().abs().amax(dim=1, keepdim=True)                                 # G × 1, constant
+        norms = torch.linalg.vector_norm(x / torch.where(m > 0, m, torch.ones_like(m)), ord=p, dim=1)
+        total = total + (m.squeeze(1) * norms).sum()
     return total
 
 
