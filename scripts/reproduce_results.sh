@@ -97,6 +97,7 @@ log_line() {  # start_utc seconds exit_code label command
 run_one() {
     local label="$1" command="$2" start_utc start rc child
     local out="$RESULTS_ROOT/logs/${label//\//-}.log"
+    trap '' INT  # Ctrl-C: the trainer gets it itself; this subshell must live on to log the exit code
     start_utc="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     start="$(now_ms)"
     echo "[$(date +%H:%M:%S)] start $label  (output: $out)"
