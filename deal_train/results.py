@@ -94,6 +94,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
+        """Whether the run finished every task (its ``metrics.json`` says ``finished``)."""
         return self.status == "finished"
 
     def status_text(self) -> str:
@@ -405,6 +406,7 @@ def table_section(table: dict[str, dict[int, Run]], methods: Sequence[str], orde
 
 
 def table_runs(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Sequence[int]) -> list[Run]:
+    """The table's runs, method by method, each in the order of ``orders``."""
     return [table[m][o] for m in methods for o in orders]
 
 
