@@ -119,7 +119,7 @@ def configure_deepspeed(accelerator, cfg: TrainConfig, model: torch.nn.Module) -
     * mixed precision (the Accelerate config's ``mixed_precision`` or ``fp16``/``bf16`` enabled in the JSON):
       ``torch_autocast`` with that dtype; ``fp16`` and ``bf16`` disabled (see the module docstring).
     * ZeRO-3: ``stage3_param_persistence_threshold`` ``"auto"`` -> max(10 x hidden size (Accelerate's rule), the
-      largest adapter tensor).
+      largest adapter tensor); DEAL's ``DEALFactor`` modules become leaf modules (``mark_leaf_modules``).
 
     Raises:
         ConfigError: under ZeRO-3, a fixed persistence threshold below the largest adapter tensor.
@@ -175,14 +175,15 @@ def mark_leaf_modules(model: torch.nn.Module) -> None:
     moment (zeros where there is none yet; for a parameter that ZeRO-3 has released, an empty tensor, to which the
     real gradient then cannot be added: "The size of tensor a (0) must match ..."), and the real gradients would
     land in the not yet reduced bucket only by chance, or stay in ``.grad``, never reduced (DeepSpeed's
-    ``zero_grad`` then fails on CPU with "unknown parameter type"; on GPUs they are silently lost). Here each ``DEALFactor`` gets a forward pre-hook that passes a copy of its input
-    that requires grad; ``DEALFactor`` computes O from its input, so the input is at the root of the module's
-    graph and the hook fires after the gradients of all its parameters (the autograd engine runs a node's
-    gradient accumulation as soon as it is ready and, among ready nodes, those created later in the forward pass
-    first). Gradients that reach the parameters through other paths in the same backward pass (the regularisers'
-    and the drift's gathered copies, ``live``) are accumulated before as well: their nodes are created after the
-    model's forward pass (or, under reentrant gradient checkpointing, lie in the outer backward pass, which
-    finishes them before it recomputes the checkpointed layers). ``tests/test_distributed.py`` checks this order.
+    ``zero_grad`` then fails on CPU with "unknown parameter type"; on a GPU it would drop them without a word).
+    Here each ``DEALFactor`` gets a forward pre-hook that passes a copy of its input that requires grad;
+    ``DEALFactor`` computes O from its input, so the input is at the root of the module's graph and the hook fires
+    after the gradients of all its parameters (the autograd engine runs a node's gradient accumulation as soon as
+    it is ready and, among ready nodes, those created later in the forward pass first). Gradients that reach the
+    parameters through other paths in the same backward pass (the regularisers' and the drift's gathered copies,
+    ``live``) are accumulated before as well: their nodes are created after the model's forward pass (or, under
+    reentrant gradient checkpointing, lie in the outer backward pass, which finishes them before it recomputes the
+    checkpointed layers). ``tests/test_distributed.py`` checks this order.
     """
     from .deal import DEALFactor
 
