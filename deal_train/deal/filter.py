@@ -133,7 +133,6 @@ class DEALFactor(nn.Module):
         self.retention = RetentionStack(self.history, kernel, num_scales, sigma_base, layers, retention_activation)
         self.update = UpdateMLP(history.shape[1], hidden, activation)
         self.residual = nn.Parameter(torch.zeros(self.history.shape)) if residual else None  # contiguous (DeepSpeed flattens it)
-        self._out_dtype = weight.dtype
 
     def _map(self, y: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """O (n × r, float32) from Y (n × r) = the history's values; ``params`` as for ``factor``."""
