@@ -23,8 +23,9 @@ What lives here, and why:
   release the parameter itself before the backward pass); ``writing`` writes a change made outside the optimizer
   (DEAL's fold, LwF's teacher copy) into the partitions, which the next engine would otherwise re-gather with
   the old values; and DEAL's ``DEALFactor`` is a ZeRO-3 leaf module (all its parameters are gathered when the
-  parametrization runs, including the kernels' gains and centres that it reads without calling a submodule).
-  DEAL's history factors and their SVD are buffers, which ZeRO never partitions.
+  parametrization runs, including the kernels' gains and centres and the residual that it reads without calling a
+  submodule), whose input is made to require grad so that ZeRO-3 reduces its gradients only once they are complete
+  (``mark_leaf_modules``). DEAL's history factors and their SVD are buffers, which ZeRO never partitions.
 * ``keeps_engine``: under ZeRO-3 the engine's hooks gather the sharded base weights for every forward pass, so the
   engine of a task lives on through evaluation and is destroyed when the next task prepares its own.
 
@@ -118,7 +119,7 @@ def configure_deepspeed(accelerator, cfg: TrainConfig, model: torch.nn.Module) -
     * mixed precision (the Accelerate config's ``mixed_precision`` or ``fp16``/``bf16`` enabled in the JSON):
       ``torch_autocast`` with that dtype; ``fp16`` and ``bf16`` disabled (see the module docstring).
     * ZeRO-3: ``stage3_param_persistence_threshold`` ``"auto"`` -> max(10 x hidden size (Accelerate's rule), the
-      largest adapter tensor).
+      largest adapter tensor); DEAL's ``DEALFactor`` modules become leaf modules (``mark_leaf_modules``).
 
     Raises:
         ConfigError: under ZeRO-3, a fixed persistence threshold below the largest adapter tensor.
@@ -138,12 +139,7 @@ def configure_deepspeed(accelerator, cfg: TrainConfig, model: torch.nn.Module) -
         ds["bf16"] = {"enabled": False}
         ds["torch_autocast"] = {"enabled": True, "dtype": precision}
     if zero_stage(accelerator) == 3:
-        from deepspeed.utils import set_z3_leaf_modules
-
-        from .deal import DEALFactor
-
-        if any(isinstance(m, DEALFactor) for m in model.modules()):
-            set_z3_leaf_modules(model, [DEALFactor])
+        mark_leaf_modules(model)
         zero = ds.setdefault("zero_optimization", {})
         largest = adapter_tensor_sizes(model)
         value = zero.get("stage3_param_persistence_threshold", "auto")
@@ -154,6 +150,52 @@ def configure_deepspeed(accelerator, cfg: TrainConfig, model: torch.nn.Module) -
             raise ConfigError(f"ZeRO-3: stage3_param_persistence_threshold = {value} is below the largest adapter "
                               f"tensor ({largest} elements). deal_train's methods read adapter tensors outside the "
                               f"forward pass, so they must stay whole: set it to \"auto\" or at least {largest}.")
+
+
+def _input_requires_grad(module: torch.nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a ZeRO-3 leaf module: while gradients are recorded, its tensor inputs are replaced by
+    copies that require grad (same values; the copies' gradients are dropped with them)."""
+    if not torch.is_grad_enabled():
+        return None
+    return tuple(a.detach().clone().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a
+                 for a in args)
+
+
+def mark_leaf_modules(model: torch.nn.Module) -> None:
+    """Make DEAL's ``DEALFactor`` modules of ``model`` ZeRO-3 leaf modules, whose gradients ZeRO-3 reduces only once
+    they are complete. Call before ``accelerator.prepare`` (our hook must run before ZeRO-3's own); idempotent; a
+    no-op without ``DEALFactor`` modules.
+
+    ZeRO-3 gathers all parameters of a leaf module for its forward and backward passes, and reduces their gradients
+    in the module's full backward hook (``register_full_backward_hook``; the per-parameter gradient hooks are not
+    installed for them). That hook fires once the gradients w.r.t. the module's inputs are computed, but when no
+    input requires grad, as soon as the gradient w.r.t. its output arrives, i.e. before any of its parameters has
+    a gradient (PyTorch's documented behaviour; DeepSpeed requires a leaf module input that requires grad). A
+    ``DEALFactor``'s only input is the frozen LoRA weight, so ZeRO-3 would reduce what ``.grad`` holds at that
+    moment (zeros where there is none yet; for a parameter that ZeRO-3 has released, an empty tensor, to which the
+    real gradient then cannot be added: "The size of tensor a (0) must match ..."), and the real gradients would
+    land in the not yet reduced bucket only by chance, or stay in ``.grad``, never reduced (DeepSpeed's
+    ``zero_grad`` then fails on CPU with "unknown parameter type"; on a GPU it would drop them without a word).
+    Here each ``DEALFactor`` gets a forward pre-hook that passes a copy of its input that requires grad;
+    ``DEALFactor`` computes O from its input, so the input is at the root of the module's graph and the hook fires
+    after the gradients of all its parameters (the autograd engine runs a node's gradient accumulation as soon as
+    it is ready and, among ready nodes, those created later in the forward pass first). Gradients that reach the
+    parameters through other paths in the same backward pass (the regularisers' and the drift's gathered copies,
+    ``live``) are accumulated before as well: their nodes are created after the model's forward pass (or, under
+    reentrant gradient checkpointing, lie in the outer backward pass, which finishes them before it recomputes the
+    checkpointed layers). ``tests/test_distributed.py`` checks this order.
+    """
+    from .deal import DEALFactor
+
+    factors = [m for m in model.modules() if isinstance(m, DEALFactor)]
+    if not factors:
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, [DEALFactor])
+    for factor in factors:
+        if not getattr(factor, "_zero3_input_hook", None):
+            factor._zero3_input_hook = factor.register_forward_pre_hook(_input_requires_grad)
 
 
 def check_persistent(model: torch.nn.Module) -> None:

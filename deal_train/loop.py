@@ -16,6 +16,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -128,6 +129,20 @@ def comparable_config(saved: dict) -> dict:
     return {k: v for k, v in merged.items()
             if k not in RESUME_IGNORED_KEYS and not k.startswith(tuple(other))
             and not (merged.get("method") != "deal" and k == "allow_unordered_norms")}
+
+
+RUN_OUTPUT_DIRS = ("adapters", "predictions", "memory_snapshots")
+"""Per-task output folders of a run, removed when ``overwrite_output_dir`` starts a run over (a shorter new run
+would otherwise leave the old run's later adapters and predictions next to its own)."""
+
+
+def clear_run_outputs(out: str) -> None:
+    """Remove ``RUN_OUTPUT_DIRS`` and ``metrics.json`` of an earlier run in ``out``; other files (TensorBoard event
+    files, anything of the user's) stay, as with Hugging Face's ``overwrite_output_dir``."""
+    for name in RUN_OUTPUT_DIRS:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, METRICS_FILE))
 
 
 def _check_output_dir(cfg: TrainConfig) -> dict | None:
@@ -410,6 +425,8 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
                                    signals)
     if resume is None:
         checkpoints.discard_all()  # a fresh start: checkpoints of an earlier run must not be resumed
+        if cfg.overwrite_output_dir and accelerator.is_main_process:
+            clear_run_outputs(out)
     if resume is not None and resume.get("completed_tasks", 0) > 0:
         k = resume["completed_tasks"]
         adapters = [os.path.join(out, "adapters", f"{i + 1}-{names[i]}") for i in range(k)]

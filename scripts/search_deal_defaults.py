@@ -39,6 +39,8 @@ STAGES: list[tuple[str, list[str]]] = [
     ("Plasticity and retention: residual update x drift penalty",
      ["deal_residual_update=false,true", "deal_lambda_drift=0,0.1,1"]),
     ("DEAL learning rate (filter and MLP) relative to LoRA's 3e-4", ["deal_learning_rate=1e-4,3e-4"]),
+    ("Weaker drift penalty (it sums over all 120 factors of SmolLM2's q, v adapter)",
+     ["deal_lambda_drift=0.003,0.01,0.03"]),
     ("Regulariser target and weights (Table 2's a, b at our delta form)",
      ["deal_reg_target=raw", "deal_lambda_retention=0.01,0.1"]),
 ]

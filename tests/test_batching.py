@@ -109,6 +109,7 @@ def test_gradient_accumulation_weights_answer_tokens_like_one_batch(tiny_method,
     assert answer_tokens[-1] >= 5 * answer_tokens[0]  # 2 ... 15+ answer tokens (label + EOS)
     assert len(big) == len(acc) == len(per_row) and all(g.abs().sum() > 0 for g in big)
     for g_big, g_acc in zip(big, acc):
-        torch.testing.assert_close(g_acc, g_big, rtol=1e-5, atol=1e-8)
+        # float32 round-off of a different summation order, relative to the tensor's scale (entries near 0 have none)
+        torch.testing.assert_close(g_acc, g_big, rtol=1e-5, atol=1e-5 * float(g_big.abs().max()))
     # the comparison can fail: weighting rows instead of answer tokens gives clearly other gradients
     assert not all(torch.allclose(r, g, rtol=1e-2, atol=1e-6) for r, g in zip(per_row, big))

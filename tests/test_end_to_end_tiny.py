@@ -97,6 +97,19 @@ def test_finished_run_is_not_overwritten(tmp_path):
         run(cfg)
 
 
+def test_overwrite_starts_over_without_the_old_runs_later_tasks(tmp_path):
+    """A two-task run overwritten by a one-task run leaves no adapter or predictions of the old task 2."""
+    import dataclasses
+
+    cfg, _ = _run(tmp_path, "seq_lora")
+    out = pathlib.Path(cfg.output_dir)
+    assert (out / "adapters" / "2-amazon").is_dir()
+    metrics = run(dataclasses.replace(cfg, tasks=["dbpedia"], overwrite_output_dir=True))
+    assert metrics["tasks"] == ["dbpedia"] and metrics["finished"]
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["1-dbpedia"]
+    assert not any("amazon" in p.name for p in (out / "predictions").iterdir())
+
+
 def test_resume_after_interruption_gives_identical_results(tmp_path):
     cfg, metrics = _run(tmp_path, "deal")
     out = pathlib.Path(cfg.output_dir)

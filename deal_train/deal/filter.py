@@ -119,8 +119,8 @@ class DEALFactor(nn.Module):
         residual: add a trainable residual R (n × r, zero at start): O = MLP(X̂) + R (``deal_residual_update``;
             ours, not the paper's).
 
-    ``forward`` ignores its input (the frozen original weight) and returns O (or Oᵀ for A) in the
-    weight's dtype and layout, so ``parametrize`` can fold it with ``leave_parametrized=True``.
+    ``forward`` maps its input (the frozen original weight, whose values are the history's) to O (or Oᵀ for A) in
+    the weight's dtype and layout, so ``parametrize`` can fold it with ``leave_parametrized=True``.
     """
 
     def __init__(self, weight: torch.Tensor, transpose: bool, num_scales: int, hidden: int, activation: str,
@@ -133,24 +133,34 @@ class DEALFactor(nn.Module):
         self.retention = RetentionStack(self.history, kernel, num_scales, sigma_base, layers, retention_activation)
         self.update = UpdateMLP(history.shape[1], hidden, activation)
         self.residual = nn.Parameter(torch.zeros(self.history.shape)) if residual else None  # contiguous (DeepSpeed flattens it)
-        self._out_dtype = weight.dtype
 
-    def factor(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """O, shape (n, r), float32; with ``params`` (name -> tensor, as ``named_parameters``) computed from those
-        tensors instead of the module's parameters (``torch.func.functional_call``; used under ZeRO-3)."""
+    def _map(self, y: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """O (n × r, float32) from Y (n × r) = the history's values; ``params`` as for ``factor``."""
         if params is None:
-            out = self.update(self.retention(self.history))
+            out = self.update(self.retention(y))
             return out if self.residual is None else out + self.residual
         sub = {part: {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(part + ".")}
                for part in ("retention", "update")}
-        x_hat = torch.func.functional_call(self.retention, sub["retention"], (self.history,))
+        x_hat = torch.func.functional_call(self.retention, sub["retention"], (y,))
         out = torch.func.functional_call(self.update, sub["update"], (x_hat,))
         return out if self.residual is None else out + params["residual"]
 
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        out = self.factor()
+    def factor(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """O, shape (n, r), float32, from the ``history`` buffer; with ``params`` (name -> tensor, as
+        ``named_parameters``) computed from those tensors instead of the module's parameters
+        (``torch.func.functional_call``; used under ZeRO-3)."""
+        return self._map(self.history, params)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """O (or Oᵀ for A) in ``weight``'s dtype and layout, computed from ``weight``: the frozen LoRA weight that
+        ``parametrize`` passes in, whose values are the history's (Y = weightᵀ for A, Y = weight for B; made
+        contiguous, so O is bit-identical to ``factor()``). Computing from the input rather than from the buffer
+        puts the input at the root of the module's graph, which ZeRO-3 needs (see
+        ``distributed.mark_leaf_modules``)."""
+        y = (weight.t() if self.transpose else weight).float().contiguous()
+        out = self._map(y)
         out = out.t() if self.transpose else out
-        return out.to(original.dtype)
+        return out.to(weight.dtype)
 
     def retention_parameters(self) -> list[nn.Parameter]:
         """θ1 of Eq. 12: {g, c} of every spectral layer, or the band scales a of every Haar layer."""
