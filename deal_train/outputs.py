@@ -1,4 +1,4 @@
-"""Writing results: atomic files and directories, predictions, the accuracy-matrix plot, the summary table.
+"""Writing results: atomic files and directories, predictions, the accuracy-matrix and average-accuracy plots.
 
 Every file is written to a temporary name in the same directory and renamed into place, so a crash
 or Ctrl-C never leaves a half-written ``metrics.json`` or adapter behind.
@@ -75,6 +75,54 @@ def format_matrix(tasks: Sequence[str], matrix: Sequence[Sequence[float | None]]
     return "\n".join(lines)
 
 
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Save a matplotlib figure as a PNG atomically (a uniquely named temporary file in the same directory, then
+    ``os.replace``), so parallel writers of the same path never clash, and close it."""
+    import matplotlib.pyplot as plt
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def draw_accuracy_matrix(ax, tasks: Sequence[str], matrix: Sequence[Sequence[float | None]], title: str,
+                         fontsize: int = 10):
+    """Draw the accuracy matrix heat map on a matplotlib ``ax`` (row = evaluated task, column = after training task
+    t; values in % on a fixed 0..100 colour scale, blank where not evaluated) and return the image (for a
+    colorbar)."""
+    import numpy as np
+
+    n = len(tasks)
+    data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0, vmax=100)
+    for i in range(n):
+        for j in range(n):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center",
+                        color="white" if data[i, j] < 60 else "black", fontsize=fontsize)
+    ax.set_xticks(range(n), [f"{j + 1}: {t}" for j, t in enumerate(tasks)], rotation=30, ha="right")
+    ax.set_yticks(range(n), tasks)
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("evaluated task")
+    ax.set_title(title, fontsize=10)
+    return im
+
+
 def plot_accuracy_matrix(path: str, tasks: Sequence[str], matrix: Sequence[Sequence[float | None]],
                          title: str) -> None:
     """Save a heat map of the accuracy matrix (values in %, blank where not evaluated) as a PNG."""
@@ -82,28 +130,13 @@ def plot_accuracy_matrix(path: str, tasks: Sequence[str], matrix: Sequence[Seque
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     n = len(tasks)
-    data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 1.8))
-    im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0, vmax=100)
-    for i in range(n):
-        for j in range(n):
-            if not np.isnan(data[i, j]):
-                ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center",
-                        color="white" if data[i, j] < 60 else "black", fontsize=10)
-    ax.set_xticks(range(n), [f"{j + 1}: {t}" for j, t in enumerate(tasks)], rotation=30, ha="right")
-    ax.set_yticks(range(n), tasks)
-    ax.set_xlabel("after training task")
-    ax.set_ylabel("evaluated task")
-    ax.set_title(title, fontsize=10)
+    im = draw_accuracy_matrix(ax, tasks, matrix, title)
     fig.colorbar(im, ax=ax, label="exact match (%)")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def plot_average_accuracy(path: str, tasks: Sequence[str], curves: dict[str, Sequence[float]], title: str) -> None:
@@ -127,7 +160,4 @@ def plot_average_accuracy(path: str, tasks: Sequence[str], curves: dict[str, Seq
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
