@@ -154,7 +154,7 @@ class TrainConfig:
                                        "(delta) or the raw parameters as in the paper (raw).", ("delta", "raw"))
     deal_reg_form: str = _f("norm", "Regulariser form: ||x||_p (norm) or ||x||_p^p (power, the paper's).",
                             ("norm", "power"))
-    deal_lambda_drift: float = _f(0.1, "Drift penalty sum ||O - Y||_F^2 / ||Y||_F^2 over factors (ours, not the "
+    deal_lambda_drift: float = _f(0.003, "Drift penalty sum ||O - Y||_F^2 / ||Y||_F^2 over factors (ours, not the "
                                        "paper's; see DESIGN.md section 7).")
     deal_residual_update: bool = _f(True, "Add a trainable residual R (n x r, zero at the start of each task, trained "
                                            "at learning_rate) to every filtered factor: O = MLP(filter(Y)) + R. Gives "
