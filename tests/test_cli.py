@@ -22,6 +22,16 @@ def test_help_lists_every_key_with_default():
     assert "Default: deal" in text and "Empty: chosen from the model type" in text
 
 
+@pytest.mark.parametrize("tool", ["compare", "sweep"])
+def test_tools_keep_bitsandbytes_noise_off_the_console(tool):
+    """The tools import the loop (and so PEFT, which imports bitsandbytes) at module import; bitsandbytes' CPU-only
+    warnings must not reach the user's console there either."""
+    out = subprocess.run([sys.executable, "-m", f"deal_train.{tool}", "--help"], capture_output=True, text=True,
+                         check=True)
+    assert "--method" in out.stdout
+    assert "gemm_4bit" not in out.stderr and "bitsandbytes" not in out.stderr, out.stderr[-2000:]
+
+
 def test_yaml_then_command_line(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("method: seq_lora\nlora_rank: 4\ntarget_modules: [q_proj]\nlearning_rate: 1.0e-3\n")
