@@ -145,7 +145,7 @@ def test_sigkill_while_writing_a_checkpoint_in_task_2_then_resume_gives_the_same
 def stopped_by_sigint(tmp_path_factory):
     """A run that receives a real SIGINT after optimizer step 7 (task 2, DEAL, first step of the second epoch) with
     periodic checkpoints off:
-    (output dir, argv, exit code, stderr)."""
+    (output dir, argv, exit code, stderr, the SIGINT handler before the run)."""
     out = tmp_path_factory.mktemp("sigint") / "run"
     argv = [*ARGS, "--output_dir", str(out)]
     after_step = StepCheckpointer.after_step
@@ -159,18 +159,19 @@ def stopped_by_sigint(tmp_path_factory):
     from contextlib import redirect_stderr
 
     err = io.StringIO()
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup or a background CI shell, else Python's default
     with pytest.MonkeyPatch.context() as mp, redirect_stderr(err):
         mp.setattr(StepCheckpointer, "after_step", interrupt_at_step_7)
         code = run_cli(run, argv)
-    return out, argv, code, err.getvalue()
+    return out, argv, code, err.getvalue(), before
 
 
 def test_sigint_checkpoints_and_exits_with_130(stopped_by_sigint):
-    out, _argv, code, err = stopped_by_sigint
+    out, _argv, code, err, before = stopped_by_sigint
     assert code == 130
     assert "Stopped on SIGINT in task 2 (amazon) after optimizer step 7; checkpoint saved in" in err
     assert "Rerun the same command to resume" in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # the handler the run found is restored
     state = verify_checkpoint(str(out / CHECKPOINTS_DIR / "task2-step0000007"))
     progress = state["progress"]
     assert (progress["global_step"], progress["epoch"], progress["micro_batches"]) == (7, 1, 1)
@@ -179,7 +180,7 @@ def test_sigint_checkpoints_and_exits_with_130(stopped_by_sigint):
 
 
 def test_rerun_after_sigint_resumes_to_the_same_run(stopped_by_sigint, reference, tmp_path):
-    src, argv, _code, _err = stopped_by_sigint
+    src, argv, _code, _err, _before = stopped_by_sigint
     out = tmp_path / "run"
     shutil.copytree(src, out)
     argv = [*argv[:-1], str(out)]
@@ -202,7 +203,7 @@ def _corrupt(path: pathlib.Path) -> None:
     (lambda ck: (ck / "manifest.json").unlink(), "is incomplete or corrupt: cannot read manifest.json"),
 ])
 def test_corrupt_checkpoint_is_reported_and_not_used(stopped_by_sigint, tmp_path, capsys, damage, message):
-    src, argv, _code, _err = stopped_by_sigint
+    src, argv, _code, _err, _before = stopped_by_sigint
     out = tmp_path / "run"
     shutil.copytree(src, out)
     ck = out / CHECKPOINTS_DIR / "task2-step0000007"
@@ -216,7 +217,7 @@ def test_corrupt_checkpoint_is_reported_and_not_used(stopped_by_sigint, tmp_path
 
 
 def test_checkpoint_of_another_config_or_task_is_refused(stopped_by_sigint, tmp_path, capsys):
-    src, argv, _code, _err = stopped_by_sigint
+    src, argv, _code, _err, _before = stopped_by_sigint
     out = tmp_path / "run"
     shutil.copytree(src, out)
     ck = out / CHECKPOINTS_DIR / "task2-step0000007"
