@@ -22,11 +22,10 @@ every figure is the median over repeats with its min-max spread, and the DEAL/Lo
 
 Training of decoder-only models is the trainer's own ``loop.train_task`` (same forward, loss, accumulation,
 clipping and optimizer as a real run; one call is one repeat, time per step = its training seconds / optimizer
-steps). Encoder-decoder models (``t5-large-arch``) use ``seq2seq_train_task`` here: the same step on a seq2seq
-forward (LoRA on ``q``, ``v``), until the trainer supports them.
+steps), for decoder-only and encoder-decoder (``t5-large-arch``, LoRA on ``q``, ``v``) models alike.
 
 Architecture-only models get token ids of the real rows (SmolLM2's tokenizer); where those ids do not fit the
-vocabulary (T5), the ids are replaced by random ones below the vocabulary size, keeping every length.
+vocabulary (T5), every id is mapped to a random one below the vocabulary size, keeping every length.
 
 Outputs ``<output_dir>/bench.json`` (default ``outputs/bench``): ``settings``, ``repeats`` (raw per-repeat
 figures per variant), ``summary`` (median/min/max per figure) and ``ratios`` (DEAL / LoRA, each with ``median``,
@@ -53,7 +52,8 @@ from datasets import Dataset
 from .architectures import is_architecture
 from .cli import build_parser, quiet_libraries, run_cli
 from .config import ConfigError, TrainConfig
-from .data import IGNORE_INDEX, Encoder, load_task, read_rows, sample_rows
+from .data import IGNORE_INDEX, encoder_for, load_task, read_rows, sample_rows
+from .models import is_encoder_decoder
 from .outputs import atomic_write_json
 from .profiling import MemoryProfiler, fix_malloc_mmap_threshold
 
@@ -112,19 +112,20 @@ class BenchData:
     random_ids: bool
 
 
-def _random_like(ids: list[int], vocab: int, gen: torch.Generator, keep: dict[int, int]) -> list[int]:
-    """Random ids in [2, vocab) with the length of ``ids``; ids found in ``keep`` map to their fixed value."""
-    draw = torch.randint(2, vocab, (len(ids),), generator=gen).tolist()
-    return [keep.get(t, d) for t, d in zip(ids, draw)]
+def _random_ids(vocab_size: int, tokenizer_size: int, gen: torch.Generator, keep: dict[int, int]) -> torch.Tensor:
+    """A seeded lookup table from the tokenizer's ids to random ids in [2, vocab_size) (ids in ``keep`` map to
+    their given value), for architecture-only models whose vocabulary is smaller than the tokenizer's."""
+    table = torch.randint(2, vocab_size, (tokenizer_size,), generator=gen)
+    for old, new in keep.items():
+        table[old] = new
+    return table
 
 
-def bench_data(cfg: TrainConfig, opts: BenchOptions, tokenizer, encoder_decoder: bool, vocab_size: int,
-               chat: bool) -> BenchData:
-    """Rows of ``opts.task`` tokenised for the benchmark.
-
-    Decoder-only: ``Encoder.train_features`` (prompt + answer + EOS, prompt labels -100), as in training.
-    Encoder-decoder: ``input_ids`` = prompt + EOS, ``labels`` = answer + EOS. Where the tokenizer's ids do not
-    fit ``vocab_size`` every id is replaced by a seeded random id in [2, vocab) (EOS kept), lengths unchanged.
+def bench_data(cfg: TrainConfig, opts: BenchOptions, tokenizer, config) -> BenchData:
+    """Rows of ``opts.task`` tokenised for the benchmark by the trainer's own encoder for the model kind
+    (``data.encoder_for``: prompt + answer + EOS for decoder-only models, the seq2seq layout for encoder-decoder
+    ones). Where the tokenizer's ids do not fit ``config.vocab_size`` every id is mapped through a seeded random
+    table into [2, vocab) (EOS to the model's EOS, the decoder start token kept), lengths unchanged.
 
     Raises:
         ConfigError: the task or its files are missing or malformed (see ``data.read_rows``).
@@ -136,116 +137,22 @@ def bench_data(cfg: TrainConfig, opts: BenchOptions, tokenizer, encoder_decoder:
         raise ConfigError(f"Task '{opts.task}' has {len(train_rows)} training rows; the benchmark needs "
                           f"{n_train} (train_steps × batch × accumulation). Lower --train_steps.")
     test_rows = sample_rows(read_rows(task, "test"), opts.inference_samples, cfg.seed + 1000)
-    encoder = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, chat)
-    random_ids = len(tokenizer) > vocab_size
-    gen = torch.Generator().manual_seed(cfg.seed)
-    eos = tokenizer.eos_token_id
-    feats = []
-    for row in train_rows:
-        prompt, _ = encoder.encode_prompt(task, row["sentence"])
-        answer = encoder.encode_answer(row["label"])
-        if encoder_decoder:
-            src, tgt = prompt + [eos], answer
-            if random_ids:
-                src, tgt = _random_like(src, vocab_size, gen, {eos: 1}), _random_like(tgt, vocab_size, gen, {eos: 1})
-            feats.append({"input_ids": src, "labels": tgt})
-        else:
-            ids = prompt + answer
-            if random_ids:
-                ids = _random_like(ids, vocab_size, gen, {})
-            feats.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]})
-    prompts, lengths = [], []
-    for row in test_rows:
-        prompt, _ = encoder.encode_prompt(task, row["sentence"])
-        if encoder_decoder:
-            prompt = prompt + [eos]
-        if random_ids:
-            prompt = _random_like(prompt, vocab_size, gen, {eos: 1} if encoder_decoder else {})
-        prompts.append(prompt)
-        lengths.append(len(encoder.encode_answer(row["label"])))
-    tokens = sum(len(f["input_ids"]) + (len(f["labels"]) if encoder_decoder else 0) for f in feats)
+    encoder = encoder_for(config, tokenizer, cfg.max_source_length, cfg.max_target_length, cfg.chat_template)
+    feats = encoder.train_features(task, train_rows)[0].to_list()
+    prompts = [encoder.encode_prompt(task, row["sentence"])[0] for row in test_rows]
+    lengths = [len(encoder.encode_answer(row["label"])) for row in test_rows]
+    random_ids = len(tokenizer) > config.vocab_size
+    if random_ids:
+        keep = {tokenizer.eos_token_id: config.eos_token_id}
+        if is_encoder_decoder(config):
+            keep[encoder.decoder_start_token_id] = encoder.decoder_start_token_id
+        table = _random_ids(config.vocab_size, len(tokenizer), torch.Generator().manual_seed(cfg.seed), keep)
+        remap = lambda ids: [t if t == IGNORE_INDEX else int(table[t]) for t in ids]  # noqa: E731
+        feats = [{k: remap(v) for k, v in f.items()} for f in feats]
+        prompts = [remap(p) for p in prompts]
+    tokens = sum(len(f["input_ids"]) + len(f.get("decoder_input_ids", ())) for f in feats)
     return BenchData(task=task, train_rows=train_rows, train=Dataset.from_list(feats), prompts=prompts,
                      answer_lengths=lengths, train_tokens=tokens, random_ids=random_ids)
-
-
-def collate_seq2seq(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad encoder inputs (``input_ids``, ``attention_mask``) and labels (-100 on padding).
-
-    Returns:
-        ``input_ids``/``attention_mask`` (batch × src_len) and ``labels`` (batch × tgt_len), int64.
-    """
-    src = max(len(f["input_ids"]) for f in features)
-    tgt = max(len(f["labels"]) for f in features)
-    ids = torch.full((len(features), src), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(features), src), dtype=torch.long)
-    labels = torch.full((len(features), tgt), IGNORE_INDEX, dtype=torch.long)
-    for i, f in enumerate(features):
-        ids[i, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
-        mask[i, :len(f["input_ids"])] = 1
-        labels[i, :len(f["labels"])] = torch.tensor(f["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-# --- training ------------------------------------------------------------------------------------------------
-
-def seq2seq_train_task(accelerator, model, method, data: BenchData, cfg: TrainConfig, task_index: int,
-                       pad_token_id: int) -> dict:
-    """One task of training an encoder-decoder PEFT model, the same step as ``loop.train_task``: answer-token
-    cross-entropy summed over the accumulation window and divided by its labelled tokens, plus the method's extra
-    loss, ``accelerator.backward``, clipping at ``max_grad_norm``, AdamW over ``method.param_groups``.
-
-    Returns:
-        ``train_seconds`` (seconds, from the first batch to after ``method.after_task``), ``optimizer_steps``,
-        ``train_samples``, ``samples_per_second``, ``trainable_parameters``, ``skipped_nonfinite_steps`` (steps
-        whose loss or gradient was not finite; they are skipped as in the trainer, not counted as failures).
-    """
-    from torch.utils.data import DataLoader
-
-    method.before_task(model, task_index, data.train_rows)
-    groups = [g for g in method.param_groups(model) if g["params"]]
-    params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    loader = DataLoader(data.train, batch_size=cfg.per_device_train_batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed + task_index),
-                        collate_fn=lambda b: collate_seq2seq(b, pad_token_id))
-    accelerator.free_memory()
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    model.train()
-    gas = cfg.gradient_accumulation_steps
-    batches = list(loader)
-    windows = [batches[i:i + gas] for i in range(0, len(batches), gas)]
-    start = time.perf_counter()
-    samples = skipped = 0
-    for window in windows:
-        tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in window)
-        scale = gas / max(tokens, 1)
-        for batch in window:
-            labels = batch["labels"]
-            decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
-            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            decoder_input_ids=decoder_ids, use_cache=False)
-            ce = torch.nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), labels.flatten(),
-                                                   ignore_index=IGNORE_INDEX, reduction="sum")
-            loss = ce * scale
-            extra, _logs = method.extra_loss(model, batch, outputs)
-            if extra is not None:
-                loss = loss + extra * gas / len(window)
-            accelerator.backward(loss)
-            samples += batch["input_ids"].shape[0]
-        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        finite = math.isfinite(float(norm))
-        skipped += not finite
-        if finite or accelerator.scaler is not None:
-            optimizer.step()  # under fp16 the grad scaler skips a non-finite step itself and lowers its scale
-        optimizer.zero_grad(set_to_none=True)
-    model = accelerator.unwrap_model(model)
-    model.eval()
-    method.after_task(model, task_index, None)
-    seconds = time.perf_counter() - start
-    accelerator.free_memory()
-    return {"train_seconds": seconds, "optimizer_steps": len(windows), "train_samples": samples,
-            "samples_per_second": samples / seconds, "trainable_parameters": sum(p.numel() for p in params),
-            "skipped_nonfinite_steps": skipped}
 
 
 # --- inference -----------------------------------------------------------------------------------------------
@@ -309,8 +216,6 @@ class Bench:
 
     def __init__(self, cfg: TrainConfig, opts: BenchOptions):
         from accelerate import Accelerator
-        from peft import LoraConfig, get_peft_model
-
         from .models import build_architecture, check_target_modules, default_target_modules, load_model, load_tokenizer
 
         self.cfg, self.opts = cfg, opts
@@ -327,24 +232,17 @@ class Bench:
             base = build_architecture(cfg.model, self.tokenizer, device=self.device)
         else:
             base = load_model(cfg.model, self.tokenizer).to(self.device)
-        self.encoder_decoder = bool(getattr(base.config, "is_encoder_decoder", False))
+        self.encoder_decoder = is_encoder_decoder(base.config)
         targets = list(cfg.target_modules) or default_target_modules(base.config)  # empty: q, v (T5) / q_proj, v_proj
         self.cfg = cfg = dataclasses.replace(cfg, target_modules=targets)
         check_target_modules(base, targets)
-        vocab = base.config.vocab_size
         if self.encoder_decoder:
             self.pad_id, self.eos_id = base.config.pad_token_id, base.config.eos_token_id
         else:
             self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        chat = cfg.chat_template and getattr(self.tokenizer, "chat_template", None) is not None
-        self.data = bench_data(cfg, opts, self.tokenizer, self.encoder_decoder, vocab, chat)
-        if self.encoder_decoder:
-            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=targets, task_type="SEQ_2_SEQ_LM", bias="none")
-            self.model = get_peft_model(base, lora)
-        else:
-            from .methods import SeqLoRA
-            self.model = SeqLoRA(cfg).wrap(base)
+        self.data = bench_data(cfg, opts, self.tokenizer, base.config)
+        from .methods import SeqLoRA
+        self.model = SeqLoRA(cfg).wrap(base)
         self.model.to(self.device)
         self._make_history()
 
@@ -396,13 +294,9 @@ class Bench:
         method.before_task = timed_before_task
         with MemoryProfiler(self.device, self._snapshot(f"train_{variant}") if snapshot else None) as prof:
             cpu0 = time.process_time()
-            if self.encoder_decoder:
-                stats = seq2seq_train_task(self.accelerator, self.model, method, self.data, self.cfg, 1,
-                                           self.pad_id)
-            else:
-                data = TaskData(task=self.data.task, train_rows=self.data.train_rows, test_rows=[],
-                                train_features=self.data.train)
-                _step, stats = train_task(self.accelerator, self.model, method, data, self.cfg, 1, 0, self.pad_id)
+            data = TaskData(task=self.data.task, train_rows=self.data.train_rows, test_rows=[],
+                            train_features=self.data.train)
+            _step, stats = train_task(self.accelerator, self.model, method, data, self.cfg, 1, 0, self.pad_id)
             cpu_seconds = time.process_time() - cpu0 - setup.get("cpu_seconds", 0.0)
         seconds, steps = stats["train_seconds"], stats["optimizer_steps"]
         return {"train_seconds": seconds, "optimizer_steps": steps, "time_per_step": seconds / steps,

@@ -1,6 +1,5 @@
-"""The efficiency benchmark runs end to end on tiny models (decoder-only through the trainer's ``train_task``, and
-the self-contained seq2seq path on a tiny T5 registered as an architecture) and writes bench.json of the right
-shape. The ratios themselves are not asserted: benchmarks are not timed tests."""
+"""The efficiency benchmark runs end to end on tiny models (through the trainer's ``train_task``: a decoder-only
+model, and a tiny T5 registered as an architecture) and writes bench.json of the right shape. The ratios themselves are not asserted: benchmarks are not timed tests."""
 
 from __future__ import annotations
 
