@@ -12,9 +12,8 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-import yaml
 
-from .config import apply_profile, ConfigError, TrainConfig, coerce_value, config_fields, validate
+from .config import apply_profile, ConfigError, TrainConfig, coerce_value, config_fields, read_yaml, validate
 
 
 def _fmt_default(value: Any) -> str:
@@ -52,13 +51,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     Raises:
         ConfigError: missing file, YAML syntax error, or a top level that is not a mapping.
     """
-    if not os.path.isfile(path):
-        raise ConfigError(f"Config file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+    data = read_yaml(path, "Config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -20,6 +20,24 @@ class ConfigError(ValueError):
     """Bad user input (a config key, a value, a file). The CLI prints the message and exits with code 2."""
 
 
+def read_yaml(path: str, what: str) -> Any:
+    """The content of the YAML file ``path`` (safe loader; None for an empty file). ``what`` names the file in
+    errors ("Config file", "tasks_file").
+
+    Raises:
+        ConfigError: "<what> not found: <path>", or "<what> <path> is not valid YAML: <parser message>".
+    """
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+
+
 def _f(default: Any, help: str, choices: tuple | None = None):
     meta = {"help": help}
     if choices is not None:

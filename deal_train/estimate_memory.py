@@ -57,7 +57,6 @@ from typing import Sequence
 
 import torch
 
-from .architectures import architecture_config, is_architecture
 from .cli import build_parser, quiet_libraries, run_cli
 from .config import ConfigError, TrainConfig, config_fields
 from .outputs import atomic_write_json
@@ -149,26 +148,6 @@ class ModelShapes:
     targets: list[tuple[str, int, int]]  # (module name, d_in, d_out) of every LoRA target
 
 
-def model_config(name: str):
-    """The ``PretrainedConfig`` of a model id, local directory, alias or architecture name, read without weights.
-
-    Raises:
-        ConfigError: the config cannot be found (offline, bad path).
-    """
-    from transformers import AutoConfig
-
-    from .models import TINY_LLAMA_ALIAS, load_tokenizer, resolve_model_path, tiny_llama_config
-
-    if is_architecture(name):
-        return architecture_config(name)
-    if name == TINY_LLAMA_ALIAS:
-        return tiny_llama_config(load_tokenizer(name))
-    try:
-        return AutoConfig.from_pretrained(resolve_model_path(name))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"Cannot read the config of model '{name}': {err}") from None
-
-
 def model_shapes(name: str, target_modules: Sequence[str]) -> ModelShapes:
     """Build the model on the meta device (no memory, no weights) and read its parameter counts and the shapes of
     every ``nn.Linear`` whose name ends in one of ``target_modules`` (empty: PEFT's default for the model type,
@@ -177,16 +156,12 @@ def model_shapes(name: str, target_modules: Sequence[str]) -> ModelShapes:
     Raises:
         ConfigError: no linear layer matches a target (lists the names that exist).
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from .models import default_target_modules
+    from .models import default_target_modules, is_encoder_decoder, meta_model, model_config
 
     config = model_config(name)
     target_modules = list(target_modules) or default_target_modules(config)
-    enc_dec = bool(getattr(config, "is_encoder_decoder", False))
-    auto = AutoModelForSeq2SeqLM if enc_dec else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto.from_config(config)
+    enc_dec = is_encoder_decoder(config)
+    model = meta_model(config)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     names = {n.split(".")[-1] for n, _ in linears}
     missing = [t for t in target_modules if t not in names]

@@ -230,6 +230,14 @@ def is_encoder_decoder(config: PretrainedConfig) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
+def meta_model(config: PretrainedConfig) -> torch.nn.Module:
+    """The model of ``config`` on the meta device (shapes only: no memory, no weights), built with
+    ``AutoModelForSeq2SeqLM`` for encoder-decoder configs and ``AutoModelForCausalLM`` otherwise."""
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
 def model_config(name: str, tokenizer=None, trust_remote_code: bool = False) -> PretrainedConfig:
     """The config of a model id, local directory or alias, without loading any weights.
 
@@ -315,19 +323,32 @@ def load_model(name: str, tokenizer, dtype: torch.dtype = torch.float32, trust_r
             else:
                 model = T5ForConditionalGeneration(tiny_t5_config(tokenizer))
         return model.to(dtype).eval()
-    path = resolve_model_path(name)
+    return load_pretrained(name, resolve_model_path(name), tokenizer, dtype, trust_remote_code, allow_pickle).eval()
+
+
+def load_pretrained(name: str, path: str, tokenizer, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool,
+                    **from_pretrained_kwargs) -> PreTrainedModel:
+    """``from_pretrained`` of the model directory ``path`` (model ``name``; the shared part of ``load_model`` and
+    ``precision.load_base_model``): the safetensors check, the auto class from the config, and the generation
+    config's pad token set from ``tokenizer`` when the model has none. ``from_pretrained_kwargs`` go to
+    transformers (``quantization_config``, ``device_map``).
+
+    Raises:
+        ConfigError: as ``load_model``; the message names the quantisation when a ``quantization_config`` is given.
+    """
     if not allow_pickle:
         check_safe_weights(path, name)
     config = model_config(name, tokenizer, trust_remote_code)
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                     use_safetensors=None if allow_pickle else True)
+                                     use_safetensors=None if allow_pickle else True, **from_pretrained_kwargs)
     except (OSError, ValueError) as err:
-        raise ConfigError(_remote_code_message(name, err) or f"Cannot load model '{name}': {err}") from None
+        how = " with bitsandbytes quantisation" if from_pretrained_kwargs.get("quantization_config") else ""
+        raise ConfigError(_remote_code_message(name, err) or f"Cannot load model '{name}'{how}: {err}") from None
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval()
+    return model
 
 
 def check_target_modules(model: torch.nn.Module, target_modules: list[str]) -> None:

@@ -142,20 +142,35 @@ def plot_accuracy_matrix(path: str, tasks: Sequence[str], matrix: Sequence[Seque
 def plot_average_accuracy(path: str, tasks: Sequence[str], curves: dict[str, Sequence[float]], title: str) -> None:
     """Save a line plot (PNG) of each method's average accuracy over the tasks seen so far (in %), after
     each task; ``curves`` maps a method name to one value per task in training order."""
+    n = len(tasks)
+
+    def axes(ax) -> None:
+        ax.set_xticks(range(1, n + 1), [f"{j + 1}: {t}" for j, t in enumerate(tasks)], rotation=30, ha="right")
+        ax.set_xlim(0.7, n + 0.3)
+
+    plot_lines(path, {name: list(zip(range(1, len(v) + 1), v)) for name, v in curves.items()},
+               xlabel="after training task", ylabel="average accuracy of tasks seen (%)", title=title,
+               width=max(5.0, 1.1 * n + 3.0), set_x_axis=axes)
+
+
+def plot_lines(path: str, lines: dict[str, Sequence[tuple[float, float]]], xlabel: str, ylabel: str, title: str,
+               width: float = 5.5, set_x_axis: Callable | None = None) -> None:
+    """Save a line plot (PNG) of accuracies in % (y from 0 to 100): one line with markers per entry of ``lines``
+    (name -> (x, y) points, drawn in the given order), a legend and a light grid; ``set_x_axis(ax)`` sets the
+    x ticks and scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(tasks)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * n + 3.0), 4.0))
-    for name, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
-    ax.set_xticks(range(1, n + 1), [f"{j + 1}: {t}" for j, t in enumerate(tasks)], rotation=30, ha="right")
-    ax.set_xlim(0.7, n + 0.3)
+    fig, ax = plt.subplots(figsize=(width, 4.0))
+    for name, points in lines.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+    if set_x_axis is not None:
+        set_x_axis(ax)
     ax.set_ylim(0, 100)
-    ax.set_xlabel("after training task")
-    ax.set_ylabel("average accuracy of tasks seen (%)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)

@@ -16,11 +16,11 @@ import dataclasses
 import math
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from .architectures import ARCHITECTURES, HUB_IDS, architecture_config
 from .config import ConfigError, TrainConfig
-from .models import check_target_modules, default_target_modules, is_encoder_decoder, model_config
+from .models import check_target_modules, default_target_modules, is_encoder_decoder, meta_model, model_config
 
 METHOD_NAMES = ("seq_lora", "deal", "o_lora", "per_task", "replay", "ewc", "lwf")
 GIB = 1024 ** 3
@@ -43,13 +43,6 @@ def plan_model_config(name: str) -> tuple[str, PretrainedConfig]:
     except ConfigError as err:
         raise ConfigError(f"{err} A dry run without Hub access knows these models: "
                           f"{', '.join(sorted({*HUB_IDS, *HUB_IDS.values()}))}.") from None
-
-
-def meta_model(config: PretrainedConfig) -> torch.nn.Module:
-    """The model of ``config`` on the meta device (``AutoModelForSeq2SeqLM`` or ``AutoModelForCausalLM``)."""
-    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
-    with torch.device("meta"):
-        return auto.from_config(config)
 
 
 def adapter_shapes(label: str, config: PretrainedConfig, cfg: TrainConfig) -> dict:

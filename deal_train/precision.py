@@ -123,21 +123,10 @@ def load_base_model(cfg: TrainConfig, tokenizer, device: torch.device, reentrant
                                   allow_pickle=cfg.allow_pickle_weights)
     else:
         from peft import prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        path = _pretrained_dir(cfg.model, tokenizer)
-        if not cfg.allow_pickle_weights:
-            models.check_safe_weights(path, cfg.model)
-        config = models.model_config(cfg.model, tokenizer, cfg.trust_remote_code)
-        auto = AutoModelForSeq2SeqLM if models.is_encoder_decoder(config) else AutoModelForCausalLM
-        try:
-            model = auto.from_pretrained(path, dtype=dtype, quantization_config=quant, device_map={"": device},
-                                         trust_remote_code=cfg.trust_remote_code,
-                                         use_safetensors=None if cfg.allow_pickle_weights else True)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"Cannot load model '{cfg.model}' with bitsandbytes quantisation: {err}") from None
-        if model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model = models.load_pretrained(cfg.model, _pretrained_dir(cfg.model, tokenizer), tokenizer, dtype,
+                                       cfg.trust_remote_code, cfg.allow_pickle_weights, quantization_config=quant,
+                                       device_map={"": device})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if cfg.load_in_4bit and torch.device(device).type == "cpu":
             keep_4bit_trainable_on_cpu(model)

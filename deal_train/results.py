@@ -32,7 +32,7 @@ from typing import Sequence
 
 from .compare import format_duration, run_summary
 from .loop import METRICS_FILE, METHOD_KEY_PREFIXES
-from .outputs import atomic_write_text, draw_accuracy_matrix, plot_average_accuracy, save_figure
+from .outputs import atomic_write_text, draw_accuracy_matrix, plot_average_accuracy, plot_lines, save_figure
 
 TABLE_METHODS = ["deal", "seq_lora", "o_lora", "per_task", "replay", "ewc", "lwf"]
 TABLE_ORDERS = [1, 2, 3]
@@ -199,7 +199,7 @@ def verdict(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Se
     if "deal" not in ranked or len(ranked) < 2:
         need = [m for m in (["deal"] if "deal" in methods else []) if m not in ranked]
         return [f"**No verdict yet.** It needs DEAL and at least one other non-oracle method finished on every "
-                f"order ({order_text}); " + (f"DEAL is not finished on all of them; " if need else "")
+                f"order ({order_text}); " + ("DEAL is not finished on all of them; " if need else "")
                 + f"methods not finished on every order: {', '.join(left_out) or 'none'}."]
     mean_aa = {m: statistics.fmean(table[m][o].summary["average_accuracy"] for o in orders) for m in ranked}
     by_aa = sorted(ranked, key=lambda m: -mean_aa[m])
@@ -301,27 +301,15 @@ def plot_matrix_grid(path: str, runs: Sequence[Run], title: str) -> None:
 def plot_data_efficiency(path: str, curves: dict[str, list[tuple[int, float]]], title: str) -> None:
     """Save the data-efficiency curve (PNG): AA (%) against training rows per task (log scale), one line per
     method; ``curves`` maps a method to its finished (rows, AA) points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
     ticks = sorted({x for pts in curves.values() for x, _ in pts})
-    for name, pts in curves.items():
-        pts = sorted(pts)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xticks(ticks, [str(x) for x in ticks])
-    ax.minorticks_off()
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("training rows per task")
-    ax.set_ylabel("average accuracy after the last task (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path)
+
+    def axes(ax) -> None:
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(x) for x in ticks])
+        ax.minorticks_off()
+
+    plot_lines(path, {name: sorted(pts) for name, pts in curves.items()}, xlabel="training rows per task",
+               ylabel="average accuracy after the last task (%)", title=title, set_x_axis=axes)
 
 
 # --- the page ---------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ next stage. Keys not listed keep the values they had before the search (TrainCon
 
 ## Stages
 
-""" + "\n\n".join(sections) + f"""
+""" + "\n\n".join(sections) + """
 
 ## Mechanism: how far each task moves the adapter, and what that costs earlier tasks
 

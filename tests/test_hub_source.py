@@ -45,6 +45,15 @@ def _split2(text: str, first: str, second: str) -> tuple[str, str]:
     return a, b
 
 
+SENTENCE_PAIRS = {  # task -> ((first prefix, second prefix) of the CL_Benchmark sentence, the two Hub fields)
+    "MNLI": (("sentence 1: ", "\nsentence 2: "), ("premise", "hypothesis")),
+    "CB": (("sentence 1: ", "\nsentence 2: "), ("premise", "hypothesis")),
+    "RTE": (("sentence 1: ", "\nsentence 2: "), ("sentence1", "sentence2")),
+    "QQP": (("first sentence: ", "\nsecond sentence: "), ("question1", "question2")),
+    "BoolQA": (("question: ", "\npassage: "), ("question", "passage")),
+}
+
+
 def to_hub_schema(task: str, sentence: str) -> dict:
     """Invert the CL_Benchmark sentence of ``task`` into the fields of its Hub dataset."""
     if task in ("agnews", "dbpedia"):
@@ -66,18 +75,9 @@ def to_hub_schema(task: str, sentence: str) -> dict:
         return {"text": sentence}
     if task == "SST-2":
         return {"sentence": sentence[len("Text: "):]}
-    if task in ("MNLI", "CB"):
-        p, h = _split2(sentence, "sentence 1: ", "\nsentence 2: ")
-        return {"premise": p, "hypothesis": h}
-    if task == "RTE":
-        a, b = _split2(sentence, "sentence 1: ", "\nsentence 2: ")
-        return {"sentence1": a, "sentence2": b}
-    if task == "QQP":
-        a, b = _split2(sentence, "first sentence: ", "\nsecond sentence: ")
-        return {"question1": a, "question2": b}
-    if task == "BoolQA":
-        q, p = _split2(sentence, "question: ", "\npassage: ")
-        return {"question": q, "passage": p}
+    if task in SENTENCE_PAIRS:
+        (first, second), keys = SENTENCE_PAIRS[task]
+        return dict(zip(keys, _split2(sentence, first, second)))
     if task == "MultiRC":
         p, rest = _split2(sentence, "paragraph: ", "\nquestion: ")
         q, a = rest.split("\ncandidate answer: ", 1)

@@ -4,7 +4,6 @@ transformers + PEFT (no deal_train import, base model read from the GGUF file) a
 from __future__ import annotations
 
 import json
-import pathlib
 import subprocess
 import sys
 import textwrap

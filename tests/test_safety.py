@@ -37,15 +37,22 @@ def tiny_dir(tokenizer, tiny_model, tmp_path):
     return path
 
 
+def _refused_run(model_dir, capsys) -> str:
+    """Train on ``model_dir`` (one task, two rows) and return the error the CLI printed; asserts it refused the
+    run (exit code 2) before writing any metrics."""
+    out = model_dir.parent / "o"
+    code = run_cli(run, ["--model", str(model_dir), "--tasks", "agnews", "--max_train_samples", "2",
+                         "--max_test_samples", "2", "--output_dir", str(out)])
+    assert code == 2
+    assert not (out / "metrics.json").exists()
+    return capsys.readouterr().err
+
+
 def test_pickle_weights_need_an_explicit_opt_in(tiny_dir, tiny_model, tokenizer, data_dir, capsys):
     torch.save(tiny_model.state_dict(), tiny_dir / "pytorch_model.bin")
-    code = run_cli(run, ["--model", str(tiny_dir), "--tasks", "agnews", "--max_train_samples", "2",
-                         "--max_test_samples", "2", "--output_dir", str(tiny_dir.parent / "o")])
-    assert code == 2
-    err = capsys.readouterr().err
+    err = _refused_run(tiny_dir, capsys)
     assert f"Model '{tiny_dir}' has only pickle-based weights (pytorch_model.bin)" in err
     assert "--allow_pickle_weights true" in err
-    assert not (tiny_dir.parent / "o" / "metrics.json").exists()
     loaded = load_model(str(tiny_dir), tokenizer, allow_pickle=True)  # the opt-in loads them
     want = tiny_model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
@@ -73,10 +80,7 @@ def test_code_shipped_with_a_model_does_not_run_by_default(tiny_dir, tiny_model,
     (tiny_dir / "config.json").write_text(json.dumps(config))
     marker = tiny_dir.parent / "PWNED"
     (tiny_dir / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
-    code = run_cli(run, ["--model", str(tiny_dir), "--tasks", "agnews", "--max_train_samples", "2",
-                         "--max_test_samples", "2", "--output_dir", str(tiny_dir.parent / "o")])
-    assert code == 2
-    err = capsys.readouterr().err
+    err = _refused_run(tiny_dir, capsys)
     assert f"Model '{tiny_dir}' ships its own Python code, which is not run by default" in err
     assert "--trust_remote_code true" in err
     assert not marker.exists()

@@ -23,9 +23,8 @@ import json
 import os
 from dataclasses import dataclass
 
-import yaml
 
-from ..config import ConfigError
+from ..config import ConfigError, read_yaml
 from .dataset import check_rows
 from .tasks import INSTRUCTIONS, Task
 
@@ -72,13 +71,7 @@ def read_tasks_file(path: str) -> dict[str, FileTask]:
         ConfigError: the file is missing or not YAML, a task entry has unknown or missing keys, a repeated name,
             bad labels, or a ``label_map`` value outside the labels (each message names the file and the task).
     """
-    if not os.path.isfile(path):
-        raise ConfigError(f"tasks_file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"tasks_file {path} is not valid YAML: {err}") from None
+    data = read_yaml(path, "tasks_file")
     entries = data.get("tasks") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"tasks_file {path} must hold 'tasks:', a list of task entries (see README, 'Your own "
