@@ -141,9 +141,15 @@ class _DeepSpeedCpuFallback(logging.Filter):
         return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m deal_train`` / ``accelerate launch -m deal_train``."""
+def train(cfg: TrainConfig) -> None:
+    """Run ``cfg`` with the training loop, imported only now (torch, transformers, PEFT take seconds to import),
+    so ``--help`` and bad options answer at once."""
     quiet_libraries()
     from .loop import run
 
-    return run_cli(run, argv)
+    run(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m deal_train`` / ``accelerate launch -m deal_train``."""
+    return run_cli(train, argv)

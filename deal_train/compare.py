@@ -19,11 +19,8 @@ import sys
 from typing import Sequence
 
 from .cli import build_parser, quiet_libraries, run_cli
-from .config import PROFILES, ConfigError, TrainConfig, validate
-from .loop import METRICS_FILE, comparable_config, run
-from .methods import METHODS
-from .profiling import reset_peak_rss
-from .outputs import atomic_write_json, atomic_write_text, plot_average_accuracy
+from .config import METHOD_NAMES, PROFILES, ConfigError, TrainConfig, validate
+from .outputs import METRICS_FILE, atomic_write_json, atomic_write_text, plot_average_accuracy
 
 COMPARISON_MD = "comparison.md"
 COMPARISON_JSON = "comparison.json"
@@ -39,10 +36,10 @@ def parse_methods(text: str) -> list[str]:
         ConfigError: empty, an unknown method name or profile, or an entry given twice.
     """
     names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m.partition(":")[0] not in METHODS
+    unknown = [m for m in names if m.partition(":")[0] not in METHOD_NAMES
                or (":" in m and (m.partition(":")[0] != "deal" or m.partition(":")[2] not in PROFILES))]
     if not names or unknown:
-        raise ConfigError(f"--methods {text!r}: give a comma-separated list of {', '.join(METHODS)} (or "
+        raise ConfigError(f"--methods {text!r}: give a comma-separated list of {', '.join(METHOD_NAMES)} (or "
                           f"deal:<profile> with a profile of {', '.join(PROFILES)})"
                           + (f" (unknown: {', '.join(unknown)})." if unknown else "."))
     if len(set(names)) != len(names):
@@ -74,6 +71,8 @@ def finished_metrics(cfg: TrainConfig) -> dict | None:
         old = json.load(fh)
     if not old.get("finished"):
         return None
+    from .loop import comparable_config
+
     old_cfg = comparable_config(old.get("config", {}))
     new_cfg = comparable_config(cfg.to_dict())
     if old_cfg != new_cfg:
@@ -128,6 +127,9 @@ def run_or_read(cfgs: Sequence[TrainConfig], labels: Sequence[str]) -> tuple[lis
     Raises:
         ConfigError: a finished run with other settings in one of the directories.
     """
+    from .loop import run
+    from .profiling import reset_peak_rss
+
     out, peak_reset = [], True
     for cfg, label in zip(cfgs, labels):
         metrics = finished_metrics(cfg)
@@ -227,17 +229,17 @@ def compare(base: TrainConfig, methods: Sequence[str]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m deal_train.compare``; exit code 2 on bad input (as ``python -m deal_train``)."""
-    quiet_libraries()
     parser = build_parser(prog="python -m deal_train.compare",
                           description="Run several continual-learning methods on the same tasks and budget and "
                                       "write comparison.md / comparison.json / comparison.png under --output_dir.")
     parser.add_argument("--methods", required=True, metavar="A,B,...",
-                        help=f"Comma-separated methods to run, in this order: {', '.join(METHODS)}.")
+                        help=f"Comma-separated methods to run, in this order: {', '.join(METHOD_NAMES)}.")
     args = parser.parse_args(argv)
 
     def main_cfg(cfg: TrainConfig) -> None:
         if args.method is not None:
             raise ConfigError("python -m deal_train.compare takes --methods (a list), not --method.")
+        quiet_libraries()  # before the trainer's libraries are imported (by ``run_all``)
         compare(cfg, parse_methods(args.methods))
 
     return run_cli(main_cfg, argv, parser=parser)

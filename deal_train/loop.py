@@ -31,22 +31,19 @@ from transformers import enable_full_determinism
 
 from . import adapter_change, distributed, precision
 from .checkpointing import StepCheckpointer, StopSignals, TaskProgress
-from .config import LEGACY_DEFAULTS, ConfigError, TrainConfig
+from .config import LEGACY_DEFAULTS, METHOD_KEY_PREFIXES, ConfigError, TrainConfig
 from .data import Encoder, collate_train, encoder_for, sample_rows, split_validation
 from .data.sources import task_source
 from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
 from .losses import answer_forward, token_cross_entropy_sum
 from .methods import ContinualMethod, get_method
 from .models import check_target_modules, load_tokenizer, with_model_defaults
-from .outputs import (atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
+from .outputs import (METRICS_FILE, atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
                       write_predictions)
 from .profiling import memory_phase, memory_scalars, memory_stats
 
-METRICS_FILE = "metrics.json"
 METHOD_STATE_FILE = "method_state.safetensors"
 """``method.state_dict()`` after a task, written inside that task's adapter directory (when not empty)."""
-METHOD_KEY_PREFIXES = {"deal": "deal_", "o_lora": "o_lora_", "replay": "replay_", "ewc": "ewc_", "lwf": "lwf_"}
-"""Config keys that only one method reads, by prefix."""
 RESUME_IGNORED_KEYS = frozenset({"output_dir", "overwrite_output_dir", "logging_steps", "per_device_eval_batch_size",
                                  "checkpoint_every_steps", "resume_from"})
 """Config keys that may differ between a partial run and the command that resumes it."""

@@ -13,6 +13,10 @@ import tempfile
 from typing import Any, Callable, Sequence
 
 
+METRICS_FILE = "metrics.json"
+"""A run's results in its ``output_dir``: config, accuracy matrix, metrics, per-task figures."""
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -19,10 +19,9 @@ import torch
 from transformers import PretrainedConfig
 
 from .architectures import ARCHITECTURES, HUB_IDS, architecture_config
-from .config import ConfigError, TrainConfig
+from .config import METHOD_NAMES, ConfigError, TrainConfig
 from .models import check_target_modules, default_target_modules, is_encoder_decoder, meta_model, model_config
 
-METHOD_NAMES = ("seq_lora", "deal", "o_lora", "per_task", "replay", "ewc", "lwf")
 GIB = 1024 ** 3
 _ADAPTER_CACHE: dict = {}
 

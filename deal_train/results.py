@@ -31,8 +31,8 @@ import sys
 from typing import Sequence
 
 from .compare import format_duration, run_summary
-from .loop import METRICS_FILE, METHOD_KEY_PREFIXES
-from .outputs import atomic_write_text, draw_accuracy_matrix, plot_average_accuracy, plot_lines, save_figure
+from .config import METHOD_KEY_PREFIXES
+from .outputs import METRICS_FILE, atomic_write_text, draw_accuracy_matrix, plot_average_accuracy, plot_lines, save_figure
 
 TABLE_METHODS = ["deal", "seq_lora", "o_lora", "per_task", "replay", "ewc", "lwf"]
 TABLE_ORDERS = [1, 2, 3]

@@ -181,7 +181,6 @@ def sweep(base: TrainConfig, grid: Grid) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m deal_train.sweep``; exit code 2 on bad input (as ``python -m deal_train``)."""
-    quiet_libraries()
     parser = build_parser(prog="python -m deal_train.sweep",
                           description="Run one continual run per point of a grid of config values and write "
                                       "sweep.md / sweep.json under --output_dir.")
@@ -191,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def main_cfg(cfg: TrainConfig) -> None:
+        quiet_libraries()  # before the trainer's libraries are imported (by ``compare.run_all``)
         sweep(cfg, parse_grid(args.grid))
 
     return run_cli(main_cfg, argv, parser=parser)

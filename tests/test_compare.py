@@ -7,7 +7,7 @@ import json
 
 import yaml
 
-from deal_train import compare as compare_module
+from deal_train import loop as loop_module
 from deal_train.compare import main
 from conftest import TINY_RUN
 
@@ -22,8 +22,8 @@ def test_compare_runs_missing_methods_and_writes_one_row_each(finished_run, tmp_
     config_file = tmp_path / "base.yaml"
     config_file.write_text(yaml.safe_dump({**TINY_RUN, "method": "deal", "output_dir": "ignored"}))
     ran = []
-    real_run = compare_module.run
-    monkeypatch.setattr(compare_module, "run", lambda cfg: ran.append(cfg.method) or real_run(cfg))
+    real_run = loop_module.run  # compare imports it when it runs
+    monkeypatch.setattr(loop_module, "run", lambda cfg: ran.append(cfg.method) or real_run(cfg))
     assert main(_argv(config_file, root, "per_task,seq_lora")) == 0
     assert ran == ["seq_lora"]
 

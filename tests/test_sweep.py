@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from deal_train import compare as compare_module
+from deal_train import loop as loop_module
 from deal_train.config import ConfigError, TrainConfig
 from deal_train.sweep import grid_points, main, parse_grid, point_configs, point_name
 
@@ -62,8 +62,8 @@ def test_sweep_runs_one_directory_per_point_and_writes_rows(tmp_path, monkeypatc
     config_file.write_text(yaml.safe_dump({**SWEEP_RUN, "deal_kernel": "spline", "output_dir": "ignored"}))
     root = tmp_path / "sweep"
     ran = []
-    real_run = compare_module.run
-    monkeypatch.setattr(compare_module, "run", lambda cfg: ran.append(cfg.deal_kernel) or real_run(cfg))
+    real_run = loop_module.run  # compare imports it when it runs
+    monkeypatch.setattr(loop_module, "run", lambda cfg: ran.append(cfg.deal_kernel) or real_run(cfg))
     argv = ["--config", str(config_file), "--grid", "deal_kernel=heat,haar", "--output_dir", str(root)]
     assert main(argv) == 0
     assert ran == ["heat", "haar"]
