@@ -64,17 +64,19 @@ def relative_change(model: torch.nn.Module, start: AdapterSnapshot) -> dict[str,
     def ratio(num: float, den: float) -> float | None:
         return None if den <= 0 else float(num ** 0.5 / den ** 0.5)
 
-    da = sum(float((a - a0).pow(2).sum()) for a, a0 in zip(a_now, start.A))
-    na = sum(float(a0.pow(2).sum()) for a0 in start.A)
-    db = sum(float((b - b0).pow(2).sum()) for b, b0 in zip(b_now, start.B))
-    nb = sum(float(b0.pow(2).sum()) for b0 in start.B)
-    dw = nw = 0.0
-    for a, b, a0, b0 in zip(a_now, b_now, start.A, start.B):
-        now = _gram_inner(b, a, b, a)
-        old = _gram_inner(b0, a0, b0, a0)
-        cross = _gram_inner(b, a, b0, a0)
-        dw += max(float(now + old - 2 * cross), 0.0)
-        nw += float(old)
+    if not a_now:
+        return {"A": None, "B": None, "delta_w": None}
+
+    # every sum stays on the device and is read back once (one synchronisation per call, not five per layer)
+    da = torch.stack([(a - a0).pow(2).sum() for a, a0 in zip(a_now, start.A)]).sum()
+    na = torch.stack([a0.pow(2).sum() for a0 in start.A]).sum()
+    db = torch.stack([(b - b0).pow(2).sum() for b, b0 in zip(b_now, start.B)]).sum()
+    nb = torch.stack([b0.pow(2).sum() for b0 in start.B]).sum()
+    old = [_gram_inner(b0, a0, b0, a0) for a0, b0 in zip(start.A, start.B)]  # ||B0 A0||², one per layer
+    dw = torch.stack([(_gram_inner(b, a, b, a) + o - 2 * _gram_inner(b, a, b0, a0)).clamp_min(0.0)
+                      for a, b, a0, b0, o in zip(a_now, b_now, start.A, start.B, old)]).sum()
+    nw = torch.stack(old).sum()
+    da, na, db, nb, dw, nw = torch.stack([da, na, db, nb, dw, nw]).tolist()
     return {"A": ratio(da, na), "B": ratio(db, nb), "delta_w": ratio(dw, nw)}
 
 
