@@ -234,6 +234,12 @@ LEGACY_DEFAULTS: dict[str, Any] = {"validation_rows": 0, "deal_residual_update":
 """Values that runs saved before these keys existed behaved as (their current defaults differ)."""
 
 
+def with_legacy_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config as saved in a run's ``metrics.json`` with every key it lacks (keys added to ``TrainConfig`` after
+    the run was made) at the value that reproduces how it ran: ``LEGACY_DEFAULTS``, else the key's default."""
+    return {**TrainConfig().to_dict(), **LEGACY_DEFAULTS, **saved}
+
+
 def apply_profile(values: dict[str, Any]) -> dict[str, Any]:
     """Fill the DEAL keys of ``values['deal_profile']``'s preset that ``values`` does not set itself.
 

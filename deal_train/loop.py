@@ -31,7 +31,7 @@ from transformers import enable_full_determinism
 
 from . import adapter_change, distributed, precision
 from .checkpointing import StepCheckpointer, StopSignals, TaskProgress
-from .config import LEGACY_DEFAULTS, METHOD_KEY_PREFIXES, ConfigError, TrainConfig
+from .config import METHOD_KEY_PREFIXES, ConfigError, TrainConfig, with_legacy_defaults
 from .data import Encoder, collate_train, encoder_for, sample_rows, split_validation
 from .data.sources import task_source
 from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
@@ -119,7 +119,7 @@ def comparable_config(saved: dict) -> dict:
     key's default), an empty ``target_modules`` becomes the model type's default, and ``RESUME_IGNORED_KEYS`` and
     the keys of other methods (``METHOD_KEY_PREFIXES``: a new DEAL default does not make a finished SeqLoRA run
     stale) are dropped."""
-    merged = {**TrainConfig().to_dict(), **LEGACY_DEFAULTS, **saved}
+    merged = with_legacy_defaults(saved)
     if not merged["target_modules"]:  # runs record the modules they adapt (``with_model_defaults``)
         merged["target_modules"] = with_model_defaults(TrainConfig(model=merged["model"])).target_modules
     other = [p for m, p in METHOD_KEY_PREFIXES.items() if m != merged.get("method")]

@@ -31,7 +31,7 @@ import sys
 from typing import Sequence
 
 from .compare import format_duration, run_summary
-from .config import METHOD_KEY_PREFIXES
+from .config import METHOD_KEY_PREFIXES, with_legacy_defaults
 from .outputs import METRICS_FILE, atomic_write_text, draw_accuracy_matrix, plot_average_accuracy, plot_lines, save_figure
 
 TABLE_METHODS = ["deal", "seq_lora", "o_lora", "per_task", "replay", "ewc", "lwf"]
@@ -314,9 +314,10 @@ def plot_data_efficiency(path: str, curves: dict[str, list[tuple[int, float]]], 
 
 # --- the page ---------------------------------------------------------------------------------------
 def budget_text(runs: Sequence[Run], varied: Sequence[str] = ()) -> list[str]:
-    """The settings shared by ``runs`` (from their saved configs), and a warning naming the keys in which they
-    differ (other than method, order, where they were written and the ``varied`` keys, shown as varied)."""
-    cfgs = [r.metrics["config"] for r in runs if r.metrics and "config" in r.metrics]
+    """The settings shared by ``runs`` (from their saved configs; keys a run predates at the value it ran with,
+    ``config.with_legacy_defaults``), and a warning naming the keys in which they differ (other than method, order,
+    where they were written and the ``varied`` keys, shown as varied)."""
+    cfgs = [with_legacy_defaults(r.metrics["config"]) for r in runs if r.metrics and "config" in r.metrics]
     if not cfgs:
         return ["No run has written its settings yet."]
     ignore = {"method", "order", "tasks", "output_dir", "overwrite_output_dir", "resume_from", *varied}

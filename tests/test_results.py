@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -184,3 +185,21 @@ def test_reproduce_script_syntax_and_dry_listing(tmp_path):
     bad = _dry(tmp_path, RESULTS_ONLY="plots")
     assert bad.returncode == 2 and "RESULTS_ONLY=plots" in bad.stderr
     assert _dry(tmp_path, RESULTS_JOBS="0").returncode == 2
+
+
+def test_budget_warning_ignores_keys_a_run_predates(runs, tmp_path):
+    """A run saved before a config key existed ran at that key's legacy value (``config.LEGACY_DEFAULTS``, else its
+    default): no warning for it, while a real difference of budget is still named."""
+    group = results.order_dir(1)
+    shutil.copytree(runs / group, tmp_path / group)
+    path = tmp_path / group / "seq_lora" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    for key in ("validation_rows", "profile_memory", "data_source"):  # 0 / false / cl_benchmark in both runs
+        del metrics["config"][key]
+    path.write_text(json.dumps(metrics))
+    both = lambda: [results.load_run(str(tmp_path), group, m) for m in ("deal", "seq_lora")]  # noqa: E731
+    assert not any("do not share one budget" in line for line in results.budget_text(both()))
+    metrics["config"]["seed"] = 7
+    path.write_text(json.dumps(metrics))
+    warning = [line for line in results.budget_text(both()) if "do not share one budget" in line]
+    assert len(warning) == 1 and "they differ in seed." in warning[0]
