@@ -55,7 +55,7 @@ def test_quantised_base_trains_lora(bits, tokenizer, tiny_method):
         (ce / n).backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(ce / n))
+        losses.append(float(ce.detach() / n))
     assert all(torch.isfinite(torch.tensor(losses)))
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[n])]
     assert len(changed) == len(before), "some LoRA matrices did not move"
