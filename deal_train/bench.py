@@ -146,8 +146,8 @@ def bench_data(cfg: TrainConfig, opts: BenchOptions, tokenizer, config) -> Bench
         keep = {tokenizer.eos_token_id: config.eos_token_id}
         if is_encoder_decoder(config):
             keep[encoder.decoder_start_token_id] = encoder.decoder_start_token_id
-        table = _random_ids(config.vocab_size, len(tokenizer), torch.Generator().manual_seed(cfg.seed), keep)
-        remap = lambda ids: [t if t == IGNORE_INDEX else int(table[t]) for t in ids]  # noqa: E731
+        table = _random_ids(config.vocab_size, len(tokenizer), torch.Generator().manual_seed(cfg.seed), keep).tolist()
+        remap = lambda ids: [t if t == IGNORE_INDEX else table[t] for t in ids]  # noqa: E731
         feats = [{k: remap(v) for k, v in f.items()} for f in feats]
         prompts = [remap(p) for p in prompts]
     tokens = sum(len(f["input_ids"]) + len(f.get("decoder_input_ids", ())) for f in feats)
