@@ -422,8 +422,11 @@ def curve_section(curve: dict[str, dict[int, Run]], methods: Sequence[str], rows
         path = os.path.join(figures, "data_efficiency.png")
         plot_data_efficiency(path, {m: p for m, p in points.items() if p},
                              f"tc ({' → '.join(tasks)}): AA vs training rows per task")
+        noise = (f" One test row moves a task's accuracy by {100 / test_rows:.1f} points and AA by "
+                 f"{100 / test_rows / len(tasks):.1f}, and each point is one run (one seed), so differences of a few "
+                 f"points are within noise." if test_rows else "")
         lines += ["", f"Tasks {' → '.join(tasks)}; at most {test_rows} test rows per task at every size (the same "
-                  f"rows); everything else as in the table above.", "",
+                  f"rows); everything else as in the table above.{noise}", "",
                   f"![Data efficiency: AA against training rows per task]({_rel(path, doc_dir)})"]
     else:
         lines += ["", f"No point of the curve has finished yet ({NOT_RUN})."]
@@ -470,20 +473,27 @@ def time_section(all_runs: Sequence[Run], log: list[dict], log_path: str, doc_di
                  f"{format_duration(sum(r['seconds'] for r in sessions))} in all; {len(invocations)} compare "
                  f"invocation(s) taking {format_duration(sum(r['seconds'] for r in invocations))} (model loading and "
                  f"reading back finished runs included; parallel invocations overlap).")
-    last = {}
+    per_label: dict[str, list[dict]] = {}
     for row in invocations:
-        last[row["label"]] = row
+        per_label.setdefault(row["label"], []).append(row)
     if missing and finished:
         mean_run = total_run / len(finished)
         lines.append(f"Rough estimate of what is left: {len(missing)} run(s) × {format_duration(mean_run)} (the mean "
                      f"of the finished runs) ≈ {format_duration(len(missing) * mean_run)} with one job at a time.")
     if sessions:
         lines += ["", "Settings of the script's last call: `" + sessions[-1]["command"] + "`."]
-    lines += ["", "<details><summary>Every compare command, with the wall time and exit code of its last invocation"
-              "</summary>", "", "| Run | Started (UTC) | Wall time | Exit code | Command |", "|---|---|---:|---:|---|"]
-    for label, row in sorted(last.items()):
-        lines.append(f"| {label} | {row['start_utc']} | {format_duration(row['seconds'])} | {row['exit_code']} | "
-                     f"`{row['command']}` |")
+    own = {f"{r.group}/{r.method}": r for r in all_runs}
+    lines += ["", "<details><summary>Every compare command: its invocations (a later call of the script reads a "
+              "finished run back in seconds, or resumes a partial one), their wall time added up, and the run's own "
+              "training and evaluation time from its metrics.json</summary>", "",
+              "| Run | First started (UTC) | Invocations | Their wall time | Last exit code | Run's own time | Command |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    for label, rows in sorted(per_label.items()):
+        run = own.get(label)
+        own_time = format_duration(run.summary["wall_seconds"]) if run is not None and run.finished else "–"
+        lines.append(f"| {label} | {min(r['start_utc'] for r in rows)} | {len(rows)} | "
+                     f"{format_duration(sum(r['seconds'] for r in rows))} | {rows[-1]['exit_code']} | {own_time} | "
+                     f"`{rows[-1]['command']}` |")
     lines += ["", "</details>"]
     return lines
 

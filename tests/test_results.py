@@ -41,9 +41,12 @@ def runs(tmp_path_factory):
         _compare(root / results.order_dir(order), tasks, "deal,seq_lora")
     for m in ("deal", "seq_lora"):
         shutil.copytree(root / results.order_dir(1) / m, root / results.curve_dir(8) / m)
-    # two lines as the script writes them (printf '%s\t%s\t%s\t%s\t%s\n' start seconds rc label command)
-    (root / results.LOG_FILE).write_text("2026-01-01T00:00:00Z\t12.5\t0\tstandard_order1/deal\tpython -m x\n"
-                                         "2026-01-01T00:00:00Z\t80.0\t0\tsession\tMODEL=tiny scripts/x.sh\n")
+    # lines as the script writes them (printf '%s\t%s\t%s\t%s\t%s\n' start seconds rc label command): order 1's
+    # deal stopped (143), then resumed by a later call of the script
+    (root / results.LOG_FILE).write_text("2026-01-01T00:00:00Z\t12.5\t143\tstandard_order1/deal\tpython -m x\n"
+                                         "2026-01-01T00:00:00Z\t20.0\t143\tsession\tMODEL=tiny scripts/x.sh\n"
+                                         "2026-01-01T01:00:00Z\t3.5\t0\tstandard_order1/deal\tpython -m x\n"
+                                         "2026-01-01T01:00:00Z\t60.0\t0\tsession\tMODEL=tiny scripts/x.sh\n")
     return root
 
 
@@ -98,6 +101,8 @@ def test_results_page_numbers_figures_and_missing_runs(runs, tmp_path):
     d8, s8 = curve8["deal"]["average_accuracy"], curve8["seq_lora"]["average_accuracy"]
     assert _row(md, "| 8 |") == ["8", f"{d8:.1f}", f"{s8:.1f}", f"{d8 - s8:+.1f}"]
     assert _row(md, "| 16 |") == ["16", results.NOT_RUN, results.NOT_RUN, "–"]
+    t = results.load_run(str(runs), results.curve_dir(8), "deal").metrics["config"]["max_test_samples"]
+    assert f"One test row moves a task's accuracy by {100 / t:.1f} points and AA by {100 / t / 2:.1f}" in md
 
     # the verdict, recomputed: best non-oracle method by mean AA and DEAL's gap to it
     mean = {m: sum(v) / len(v) for m, v in aa.items()}
@@ -125,7 +130,9 @@ def test_results_page_numbers_figures_and_missing_runs(runs, tmp_path):
 
     # the paper's numbers are labelled as the paper's; the time comes from the runs and the script's log
     assert "**The paper's numbers, not ours**" in md and "| DEAL | 87.7 | 78.5 |" in md
-    assert "1 call(s) of the script taking 1 min 20 s" in md and "| standard_order1/deal |" in md
+    assert "2 call(s) of the script taking 1 min 20 s" in md
+    own = results.format_duration(per_order[1]["deal"]["wall_seconds"])
+    assert _row(md, "| standard_order1/deal |")[1:6] == ["2026-01-01T00:00:00Z", "2", "16 s", "0", own]
     assert results.main(["--runs", str(tmp_path / "nope"), "--output", str(out)]) == 2
 
 
