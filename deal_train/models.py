@@ -81,20 +81,26 @@ def _atomic_save_dir(target: str, save) -> None:
 
 
 def _smollm2_local_dir() -> str:
-    """A transformers-format copy of SmolLM2-135M-Instruct in the cache, converted from the GGUF on first use."""
+    """A transformers-format copy of SmolLM2-135M-Instruct in the cache, converted from the GGUF on first use.
+
+    The conversion runs under ``torch.random.fork_rng``: ``from_config`` draws random initial weights (overwritten
+    by the GGUF's), and a run that converts must leave the global RNG where a run that finds the cache does, or the
+    same seed would give other LoRA initialisations on a fresh machine than on later runs.
+    """
     target = os.path.join(cache_dir(), "smollm2-135m-instruct")
     if os.path.isfile(os.path.join(target, "config.json")) and os.path.isfile(os.path.join(target, "tokenizer.json")):
         return target
     pkg = smollm2_package_dir()
-    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the de-quantised weights are plain float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-    del gguf_model
+    with torch.random.fork_rng():
+        tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the de-quantised weights are plain float32
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config = gguf_model.generation_config
+        del gguf_model
 
     def save(tmp: str) -> None:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -27,11 +27,29 @@ def data_dir() -> str:
     return DATA_DIR
 
 
+FIRST_CONVERSION: dict = {}
+"""``rng_untouched``: whether the session's first conversion of SmolLM2 into its empty cache (``tokenizer``) left the
+global torch RNG as it found it (checked in test_architectures.py)."""
+
+
+def leaves_rng_alone(fn) -> bool:
+    """Call ``fn()`` between ``torch.manual_seed`` and a draw; True when the draw equals one made without it."""
+    import torch
+
+    torch.manual_seed(1234)
+    fn()
+    after = torch.rand(8)
+    torch.manual_seed(1234)
+    return torch.equal(after, torch.rand(8))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
-    from deal_train.models import load_tokenizer
+    from deal_train import models
 
-    return load_tokenizer("tiny-random-llama")
+    if not os.path.isfile(os.path.join(models.cache_dir(), "smollm2-135m-instruct", "config.json")):
+        FIRST_CONVERSION["rng_untouched"] = leaves_rng_alone(lambda: models.resolve_model_path("smollm2-135m-instruct"))
+    return models.load_tokenizer("tiny-random-llama")
 
 
 @pytest.fixture()
