@@ -33,18 +33,53 @@ DeepSpeed on a machine without GPUs (tests, laptops): set ``DS_ACCELERATOR=cpu``
 a warning otherwise). It runs at world size 1 only: Accelerate (1.15) gives a DeepSpeed run without CUDA no
 distributed backend and reports one process on every rank, so several CPU processes would each train alone;
 ``check_profile`` refuses that. The first DeepSpeed run on CPU compiles DeepSpeed's shared-memory
-communication op (about 1-2 minutes, cached under ``~/.cache/torch_extensions``).
+communication op (1-2 minutes, and again for every new virtual environment), although one process has no peer
+to share memory with; ``skip_cpu_shared_memory_op`` marks that op unusable before Accelerate starts DeepSpeed, so
+DeepSpeed uses plain ``torch.distributed`` (gloo) calls instead and nothing is compiled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterable, Iterator
 
 import torch
 from accelerate.utils import DistributedType
 
 from .config import ConfigError, TrainConfig
+
+
+def skip_cpu_shared_memory_op() -> bool:
+    """Keep DeepSpeed from compiling its CPU shared-memory communication op in a one-process CPU run.
+
+    Call before ``Accelerator()``: under ``accelerate launch`` with a DeepSpeed profile, Accelerate starts DeepSpeed's
+    communication backend, whose ``TorchBackend`` builds ``deepspeed_shm_comm`` with the C++ compiler whenever
+    DeepSpeed's accelerator is the CPU (1-2 minutes on 2 cores; the build is cached per virtual environment). The op
+    speeds up collectives between processes on one host; with one process there are none to speed up. DeepSpeed skips
+    the build when the op is marked incompatible in ``deepspeed.ops.__compatible_ops__`` (a dict that DeepSpeed
+    caches so that edits to it persist), which is what this does.
+
+    Does nothing (returns False) without DeepSpeed (``ACCELERATE_USE_DEEPSPEED`` unset), with GPUs, with more than one
+    process (``WORLD_SIZE``), or when the DeepSpeed version has no such table. Returns True when it marked the op.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or torch.cuda.is_available():
+        return False
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != "cpu":
+            return False
+        compatible = deepspeed.ops.__compatible_ops__
+    except (ImportError, AttributeError):
+        return False
+    if not isinstance(compatible, dict):
+        return False
+    compatible["deepspeed_shm_comm"] = False
+    return True
 
 
 def deepspeed_plugin(accelerator):

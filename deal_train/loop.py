@@ -383,6 +383,7 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
     datas = prepare_data(cfg)
     resume = _check_output_dir(cfg)
     out = cfg.output_dir
+    distributed.skip_cpu_shared_memory_op()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision or None,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,

@@ -98,8 +98,28 @@ def test_ddp_two_processes_equal_one_process(reference, tmp_path):
 
 def test_deepspeed_zero2_world_size_1(reference, tmp_path):
     ref_out, _ = reference
-    _launch("deepspeed_zero2", tmp_path / "z2", "--per_device_train_batch_size", "4", "--mixed_precision", "no")
+    proc = _launch("deepspeed_zero2", tmp_path / "z2", "--per_device_train_batch_size", "4", "--mixed_precision", "no")
     _assert_same_adapters(tmp_path / "z2", ref_out)
+    # one process: DeepSpeed's CPU shared-memory op is neither compiled nor loaded (distributed.skip_cpu_shared_memory_op)
+    assert "shm_comm" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs the op is left alone")
+def test_skip_cpu_shared_memory_op_only_for_one_process_deepspeed_on_cpu(monkeypatch):
+    import deepspeed.ops
+
+    from deal_train.distributed import skip_cpu_shared_memory_op
+
+    table = deepspeed.ops.__compatible_ops__
+    monkeypatch.setitem(table, "deepspeed_shm_comm", True)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert skip_cpu_shared_memory_op() is False and table["deepspeed_shm_comm"] is True  # no DeepSpeed profile
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert skip_cpu_shared_memory_op() is False and table["deepspeed_shm_comm"] is True  # peers to share memory with
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert skip_cpu_shared_memory_op() is True and table["deepspeed_shm_comm"] is False
 
 
 ZERO3_PROBE = '''
