@@ -32,10 +32,9 @@ What lives here, and why:
 DeepSpeed on a machine without GPUs (tests, laptops): set ``DS_ACCELERATOR=cpu`` (DeepSpeed falls back to it with
 a warning otherwise). It runs at world size 1 only: Accelerate (1.15) gives a DeepSpeed run without CUDA no
 distributed backend and reports one process on every rank, so several CPU processes would each train alone;
-``check_profile`` refuses that. The first DeepSpeed run on CPU compiles DeepSpeed's shared-memory
-communication op (1-2 minutes, and again for every new virtual environment), although one process has no peer
-to share memory with; ``skip_cpu_shared_memory_op`` marks that op unusable before Accelerate starts DeepSpeed, so
-DeepSpeed uses plain ``torch.distributed`` (gloo) calls instead and nothing is compiled.
+``check_profile`` refuses that. DeepSpeed would compile its shared-memory communication op on the first CPU run
+in every virtual environment (1-2 minutes), although one process has no peer to share memory with;
+``skip_cpu_shared_memory_op`` marks that op unusable before Accelerate starts DeepSpeed, so nothing is compiled.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ def skip_cpu_shared_memory_op() -> bool:
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return False
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or torch.cuda.is_available():
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") or torch.cuda.is_available():
         return False
     try:
         import deepspeed.ops
