@@ -59,12 +59,13 @@ def skip_cpu_shared_memory_op() -> bool:
     the build when the op is marked incompatible in ``deepspeed.ops.__compatible_ops__`` (a dict that DeepSpeed
     caches so that edits to it persist), which is what this does.
 
-    Does nothing (returns False) without DeepSpeed (``ACCELERATE_USE_DEEPSPEED`` unset), with GPUs, with more than one
-    process (``WORLD_SIZE``), or when the DeepSpeed version has no such table. Returns True when it marked the op.
+    Does nothing (returns False) without DeepSpeed (``ACCELERATE_USE_DEEPSPEED`` unset), with more than one process
+    (``WORLD_SIZE``), when DeepSpeed's accelerator is not the CPU (GPUs), or when the DeepSpeed version has no such
+    table. Returns True when it marked the op.
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return False
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") or torch.cuda.is_available():
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
         return False
     try:
         import deepspeed.ops

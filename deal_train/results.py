@@ -231,9 +231,8 @@ def verdict(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Se
     ahead = sum(d > 0 for d in per_order)
     test_rows = table["deal"][orders[0]].metrics["config"].get("max_test_samples") or 0
     n_tasks = len(table["deal"][orders[0]].metrics["tasks"])
-    noise = (f" With {test_rows} test rows per task one row moves a task's accuracy by {100 / test_rows:.1f} points and "
-             f"AA by {100 / test_rows / n_tasks:.1f}; the spread over orders is in the table below."
-             if test_rows else "")
+    noise = (f" With {test_rows} test rows per task one row {_one_row_moves(test_rows, n_tasks)}; the spread over orders "
+             f"is in the table below." if test_rows else "")
     lines.append(f"DEAL minus `{ref}` in AA, per order: "
                  + ", ".join(f"order {o} {d:+.1f}" for o, d in zip(orders, per_order))
                  + f" (DEAL ahead in {ahead} of {len(orders)} orders)." + noise)
@@ -399,6 +398,11 @@ def table_runs(table: dict[str, dict[int, Run]], methods: Sequence[str], orders:
     return [table[m][o] for m in methods for o in orders]
 
 
+def _one_row_moves(test_rows: int, n_tasks: int) -> str:
+    """The resolution of exact-match numbers: what one test row is worth, in points of a task's accuracy and of AA."""
+    return f"moves a task's accuracy by {100 / test_rows:.1f} points and AA by {100 / test_rows / n_tasks:.1f}"
+
+
 def curve_section(curve: dict[str, dict[int, Run]], methods: Sequence[str], rows: Sequence[int], figures: str,
                   doc_dir: str) -> list[str]:
     """The data-efficiency section: AA per training-set size and method, the plot, DEAL minus SeqLoRA."""
@@ -422,9 +426,8 @@ def curve_section(curve: dict[str, dict[int, Run]], methods: Sequence[str], rows
         path = os.path.join(figures, "data_efficiency.png")
         plot_data_efficiency(path, {m: p for m, p in points.items() if p},
                              f"tc ({' → '.join(tasks)}): AA vs training rows per task")
-        noise = (f" One test row moves a task's accuracy by {100 / test_rows:.1f} points and AA by "
-                 f"{100 / test_rows / len(tasks):.1f}, and each point is one run (one seed), so differences of a few "
-                 f"points are within noise." if test_rows else "")
+        noise = (f" One test row {_one_row_moves(test_rows, len(tasks))}, and each point is one run (one seed), so "
+                 f"differences of a few points are within noise." if test_rows else "")
         lines += ["", f"Tasks {' → '.join(tasks)}; at most {test_rows} test rows per task at every size (the same "
                   f"rows); everything else as in the table above.{noise}", "",
                   f"![Data efficiency: AA against training rows per task]({_rel(path, doc_dir)})"]
