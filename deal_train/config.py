@@ -8,6 +8,7 @@ ways of setting a value (default, YAML file, command line) always agree.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -317,10 +318,13 @@ def validate(cfg: TrainConfig) -> None:
     positive = ["lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                 "max_source_length", "max_target_length", "max_new_tokens", "per_device_eval_batch_size",
                 "deal_scales", "deal_layers", "deal_mlp_hidden", "logging_steps", "max_nonfinite_steps", "ewc_fisher_batches"]
+    for name, typ, _default, _meta in config_fields():
+        if typ is float and not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"Config key '{name}' must be a finite number, got {getattr(cfg, name)}.")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
-    for name in ["learning_rate", "deal_learning_rate", "deal_sigma_base", "lwf_temperature"]:
+    for name in ["learning_rate", "deal_learning_rate", "deal_sigma_base", "lwf_temperature", "lora_alpha"]:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
     for name in ["validation_rows", "checkpoint_every_steps", "max_train_samples", "max_test_samples",
@@ -329,6 +333,9 @@ def validate(cfg: TrainConfig) -> None:
                  "o_lora_lambda_l2", "replay_samples_per_task", "ewc_lambda", "lwf_weight"]:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"Config key '{name}' must be >= 0, got {getattr(cfg, name)}.")
+    if cfg.lora_dropout >= 1:
+        raise ConfigError(f"Config key 'lora_dropout' must be in [0, 1) (a probability; 1 drops every LoRA input), "
+                          f"got {cfg.lora_dropout}.")
     if cfg.deal_norm_retention < 1 or cfg.deal_norm_update < 1:
         raise ConfigError("deal_norm_retention (a) and deal_norm_update (b) must be >= 1 (they are norm orders).")
     if cfg.deal_norm_retention < cfg.deal_norm_update and not cfg.allow_unordered_norms:

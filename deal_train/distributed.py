@@ -30,11 +30,12 @@ What lives here, and why:
   engine of a task lives on through evaluation and is destroyed when the next task prepares its own.
 
 DeepSpeed on a machine without GPUs (tests, laptops): set ``DS_ACCELERATOR=cpu`` (DeepSpeed falls back to it with
-a warning otherwise). It runs at world size 1 only: Accelerate (1.15) gives a DeepSpeed run without CUDA no
-distributed backend and reports one process on every rank, so several CPU processes would each train alone;
-``check_profile`` refuses that. DeepSpeed would compile its shared-memory communication op on the first CPU run
-in every virtual environment (1-2 minutes), although one process has no peer to share memory with;
-``skip_cpu_shared_memory_op`` marks that op unusable before Accelerate starts DeepSpeed, so nothing is compiled.
+a warning otherwise). Several CPU processes run over gloo: Accelerate (1.16) finds no distributed backend for a CPU
+device by itself and would report one process on every rank (each training alone), so ``accelerator_kwargs``
+names gloo, and ``check_profile`` refuses a run where the two still disagree. DeepSpeed would compile its
+shared-memory communication op on the first CPU run in every virtual environment (1-2 minutes), which ZeRO
+training never calls; ``skip_cpu_shared_memory_op`` marks that op unusable before Accelerate starts DeepSpeed, so
+nothing is compiled.
 """
 
 from __future__ import annotations
@@ -49,30 +50,40 @@ from accelerate.utils import DistributedType
 from .config import ConfigError, TrainConfig
 
 
+def _deepspeed_on_cpu() -> bool:
+    """True when this process runs under a DeepSpeed profile (``ACCELERATE_USE_DEEPSPEED``) and DeepSpeed's
+    accelerator is the CPU (``DS_ACCELERATOR=cpu``, or no GPU)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return False
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        return get_accelerator().device_name() == "cpu"
+    except ImportError:
+        return False
+
+
 def skip_cpu_shared_memory_op() -> bool:
-    """Keep DeepSpeed from compiling its CPU shared-memory communication op in a one-process CPU run.
+    """Keep DeepSpeed from compiling its CPU shared-memory communication op in a CPU run.
 
     Call before ``Accelerator()``: under ``accelerate launch`` with a DeepSpeed profile, Accelerate starts DeepSpeed's
     communication backend, whose ``TorchBackend`` builds ``deepspeed_shm_comm`` with the C++ compiler whenever
     DeepSpeed's accelerator is the CPU (1-2 minutes on 2 cores; the build is cached per virtual environment). The op
-    speeds up collectives between processes on one host; with one process there are none to speed up. DeepSpeed skips
-    the build when the op is marked incompatible in ``deepspeed.ops.__compatible_ops__`` (a dict that DeepSpeed
-    caches so that edits to it persist), which is what this does.
+    serves only DeepSpeed's ``inference_all_reduce`` (tensor-parallel inference); the collectives of ZeRO training
+    go through ``torch.distributed`` (gloo on CPUs, see ``accelerator_kwargs``) with or without it, and with one
+    process there are none at all. DeepSpeed skips the build when the op is marked incompatible in
+    ``deepspeed.ops.__compatible_ops__`` (a dict that DeepSpeed caches so that edits to it persist), which is what
+    this does.
 
-    Does nothing (returns False) without DeepSpeed (``ACCELERATE_USE_DEEPSPEED`` unset), with more than one process
-    (``WORLD_SIZE``), when DeepSpeed's accelerator is not the CPU (GPUs), or when the DeepSpeed version has no such
-    table. Returns True when it marked the op.
+    Does nothing (returns False) without DeepSpeed (``ACCELERATE_USE_DEEPSPEED`` unset), when DeepSpeed's
+    accelerator is not the CPU (GPUs), or when the DeepSpeed version has no such table. Returns True when it marked
+    the op.
     """
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return False
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+    if not _deepspeed_on_cpu():
         return False
     try:
         import deepspeed.ops
-        from deepspeed.accelerator import get_accelerator
 
-        if get_accelerator().device_name() != "cpu":
-            return False
         compatible = deepspeed.ops.__compatible_ops__
     except (ImportError, AttributeError):
         return False
@@ -80,6 +91,22 @@ def skip_cpu_shared_memory_op() -> bool:
         return False
     compatible["deepspeed_shm_comm"] = False
     return True
+
+
+def accelerator_kwargs() -> dict:
+    """Extra ``Accelerator(...)`` arguments for the launch profile: with DeepSpeed on CPUs and several processes,
+    the process group's backend ``gloo`` (``InitProcessGroupKwargs``).
+
+    Without it Accelerate (1.16) finds no distributed backend for a CPU device, lets DeepSpeed start its own process
+    group, but then reports one process on every rank, so each rank would train alone on all the data (a silent
+    wrong result that ``check_profile`` refuses). Named explicitly, ``gloo`` is the backend that both Accelerate's
+    bookkeeping (``num_processes``, ``process_index``) and DeepSpeed's collectives use. Empty on GPUs and for one
+    process."""
+    if not _deepspeed_on_cpu() or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return {}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
 
 
 def deepspeed_plugin(accelerator):
@@ -110,21 +137,27 @@ def check_profile(cfg: TrainConfig, accelerator) -> None:
     """Refuse the option combinations the launch profile cannot run.
 
     Raises:
-        ConfigError: FSDP (not supported: ZeRO-3 is the sharding profile); DeepSpeed with several processes but
+        ConfigError: FSDP (not supported: ZeRO-3 is the sharding profile); fp16 mixed precision on a CPU (a silent
+            no-op there); DeepSpeed with several processes but
             no GPUs; a DeepSpeed config with its own optimizer or scheduler; under ZeRO-3 a bitsandbytes-quantised
             base or ``eval_zero_shot``. Each message says why and what to use instead.
     """
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("FSDP is not supported: its flat parameters hide the LoRA factors that DEAL re-parametrizes "
                           "and the methods read. Shard a large base model with accelerate_configs/deepspeed_zero3.yaml.")
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        raise ConfigError("mixed_precision fp16 does nothing on a CPU (Accelerate's CPU autocast runs bf16 only, so "
+                          "the run would silently train in fp32). Use --mixed_precision bf16 or no on a CPU, or "
+                          "run fp16 on a GPU.")
     plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return
     ds = plugin.deepspeed_config
     if _world_size() != accelerator.num_processes:
         raise ConfigError(f"DeepSpeed runs {_world_size()} processes, but Accelerate sees {accelerator.num_processes} "
-                          f"(it gives DeepSpeed without GPUs no distributed backend, so every process would train "
-                          f"alone). On CPUs use accelerate_configs/multi_cpu.yaml (DDP) or --num_processes 1.")
+                          f"(it found no distributed backend for this device, so every process would train alone). "
+                          f"Create the Accelerator with distributed.accelerator_kwargs() (gloo on CPUs), as the "
+                          f"trainer does, or use accelerate_configs/multi_cpu.yaml (DDP) or --num_processes 1.")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(f"The DeepSpeed config has a '{key}' section; deal_train builds its own optimizer "
@@ -159,6 +192,10 @@ def configure_deepspeed(accelerator, cfg: TrainConfig, model: torch.nn.Module) -
     Raises:
         ConfigError: under ZeRO-3, a fixed persistence threshold below the largest adapter tensor.
     """
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        raise ConfigError("mixed_precision fp16 does nothing on a CPU (Accelerate's CPU autocast runs bf16 only, so "
+                          "the run would silently train in fp32). Use --mixed_precision bf16 or no on a CPU, or "
+                          "run fp16 on a GPU.")
     plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return

@@ -6,8 +6,6 @@ After training task t every task i <= t is evaluated on its test split, filling 
 
 from __future__ import annotations
 
-import re
-import string
 from typing import Sequence
 
 import torch
@@ -17,17 +15,9 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import collate_eval
+from .data.labels import normalize_answer
 
-_SPECIAL_TOKEN = re.compile(r"<\|?[a-zA-Z_/]+\|?>")
 _scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: drop special tokens such as ``</s>`` / ``<pad>`` / ``<|im_end|>``,
-    lower-case, strip punctuation, collapse whitespace. Articles are kept (COPA's labels are "A" and "B")."""
-    text = _SPECIAL_TOKEN.sub(" ", text).lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    return " ".join(text.split())
 
 
 def exact_match(prediction: str, reference: str) -> float:

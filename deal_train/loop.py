@@ -66,6 +66,7 @@ class TaskData:
     truncated_test: int = 0
     dropped: dict | None = None  # rows without a gold label, per split
     replay_features: list = field(default_factory=list)  # tokenised rows of earlier tasks trained with this one
+    train_test_overlap: int = 0  # test rows whose sentence is also in the training file
 
 
 def peak_rss_bytes() -> int:
@@ -90,12 +91,16 @@ def prepare_data(cfg: TrainConfig) -> list[TaskData]:
     for i, name in enumerate(source.task_names()):
         task = source.load_task(name)
         dropped: dict = {}
-        validation, pool = split_validation(source.read_rows(task, "train", dropped), cfg.validation_rows, name)
+        train_file = source.read_rows(task, "train", dropped)
+        test_file = source.read_rows(task, "test", dropped)
+        validation, pool = split_validation(train_file, cfg.validation_rows, name)
         train = sample_rows(pool, cfg.max_train_samples, cfg.seed + i)
-        test = sample_rows(source.read_rows(task, "test", dropped), cfg.max_test_samples, cfg.seed + 1000 + i)
+        test = sample_rows(test_file, cfg.max_test_samples, cfg.seed + 1000 + i)
+        seen = {r["sentence"] for r in train_file}
+        overlap = sum(r["sentence"] in seen for r in test_file)
         if cfg.eval_split == "validation":
             test = validation  # scored in place of the test rows (the test file is still checked above)
-        out.append(TaskData(task=task, train_rows=train, test_rows=test, dropped=dropped))
+        out.append(TaskData(task=task, train_rows=train, test_rows=test, dropped=dropped, train_test_overlap=overlap))
     return out
 
 
@@ -319,6 +324,21 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
     return progress.global_step, stats
 
 
+def check_finite_adapter(model, task_name: str, cfg: TrainConfig) -> None:
+    """Refuse to save a task whose adapter holds NaN/inf (e.g. one optimizer step at an enormous learning rate:
+    the loss was finite, the update was not).
+
+    Raises:
+        TrainingError: naming the task, the first bad tensors and what to change; earlier tasks stay saved.
+    """
+    bad = precision.nonfinite_adapter_tensors(model)
+    if bad:
+        raise TrainingError(f"Task '{task_name}': after training, {len(bad)} adapter tensor(s) hold NaN/inf (e.g. "
+                            f"{', '.join(bad[:3])}); the task is not saved. Lower learning_rate (now "
+                            f"{cfg.learning_rate:g}) or deal_learning_rate, or use fp32. Tasks finished before this "
+                            f"one are saved in {cfg.output_dir}.")
+
+
 def evaluate_seen(accelerator, model, method: ContinualMethod | None, tokenizer, datas: list[TaskData], upto: int,
                   cfg: TrainConfig, pred_dir: str | None) -> list[dict]:
     """Evaluate tasks 0..upto; returns one score dict per task and writes predictions under ``pred_dir``.
@@ -355,6 +375,13 @@ def truncation_report(datas: list[TaskData], max_source_length: int) -> list[str
             for d in datas if d.truncated_train or d.truncated_test]
 
 
+def overlap_report(datas: list[TaskData]) -> list[str]:
+    """One warning line per task whose test file repeats sentences of its training file."""
+    return [f"warning: task {d.task.name}: {d.train_test_overlap} test rows have a sentence that is also in the "
+            f"training file; their scores measure memorisation, not generalisation (deduplicate the files)"
+            for d in datas if d.train_test_overlap]
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train the configured method on the task sequence; returns the final metrics dict.
 
@@ -389,6 +416,7 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=out, logging_dir=os.path.join(out, "tensorboard")),
+        **distributed.accelerator_kwargs(),
     )
     distributed.check_profile(cfg, accelerator)
     if cfg.full_determinism:
@@ -401,7 +429,7 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
     encoder = encoder_for(base.config, tokenizer, cfg.max_source_length, cfg.max_target_length, cfg.chat_template)
     method = get_method(cfg)
     tokenise(datas, encoder, method)
-    for line in truncation_report(datas, cfg.max_source_length):
+    for line in truncation_report(datas, cfg.max_source_length) + overlap_report(datas):
         accelerator.print(line)
     names = [d.task.name for d in datas]
     n = len(datas)
@@ -415,6 +443,7 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
         "average_accuracy": None, "backward_transfer": None, "average_rouge1": None,
         "zero_shot": None, "per_task": [], "truncated_rows": {d.task.name: {"train": d.truncated_train, "test": d.truncated_test} for d in datas},
         "dropped_rows_without_gold_label": {d.task.name: d.dropped for d in datas if any(d.dropped.values())},
+        "train_test_overlap": {d.task.name: d.train_test_overlap for d in datas if d.train_test_overlap},
         "eval_split": cfg.eval_split, "config": cfg.to_dict(),
     }
     global_step = 0
@@ -463,6 +492,7 @@ def _run(cfg: TrainConfig, signals: StopSignals) -> dict:
             global_step, stats = train_task(accelerator, model, method, d, cfg, t, global_step,
                                             tokenizer.pad_token_id, checkpoints)
         distributed.gather_adapters(model)  # ZeRO-3: whole adapter tensors for the save (collective)
+        check_finite_adapter(model, d.task.name, cfg)
         if accelerator.is_main_process:
             atomic_write_dir(os.path.join(out, "adapters", f"{t + 1}-{d.task.name}"),
                              lambda tmp: save_task_outputs(method, model, tmp))

@@ -41,9 +41,13 @@ BNB_EXTRA = "pip install -e '.[bnb]' (bitsandbytes>=0.45)"
 
 
 def quiet_bitsandbytes() -> None:
-    """Raise the ``bitsandbytes`` logger to ERROR, before anything imports bitsandbytes: its CPU-only warnings
-    (missing CUDA library, missing ``kernels`` package) are not the user's problem. Errors still show."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    """Raise the ``bitsandbytes`` and ``kernels`` loggers (``deal_train.QUIET_LOGGERS``) to ERROR, before anything
+    imports bitsandbytes: its CPU-only warnings (missing CUDA library, missing ``kernels`` package, the Hub trust
+    check of its kernels in offline mode) are not the user's problem. Errors still show."""
+    from . import QUIET_LOGGERS
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def model_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -188,6 +192,16 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimiz
         bnb = require_bitsandbytes("optim: adamw_8bit")
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def nonfinite_adapter_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the adapter tensors (``adapter_parameters``) holding a NaN or inf; [] when all are finite.
+    One host synchronisation per call (meant for the end of a task, not every step)."""
+    named = adapter_parameters(model)
+    if not named:
+        return []
+    flags = torch.stack([torch.isfinite(p.detach()).all() for _n, p in named]).cpu().tolist()
+    return [n for (n, _p), ok in zip(named, flags) if not ok]
 
 
 def adapter_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

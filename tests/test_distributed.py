@@ -1,13 +1,13 @@
-"""Distributed profiles really run on the CPU: 2-process DDP through ``accelerate launch --config_file
-accelerate_configs/multi_cpu.yaml``, DeepSpeed ZeRO-2 and ZeRO-3 at world size 1 (``DS_ACCELERATOR=cpu``), all
-on DEAL (task 1 LoRA, task 2 DEAL's parametrization and fold), compared with one in-process run with the same
-global batch.
+"""Distributed profiles really run on the CPU, each with 2 processes over gloo: DDP through ``accelerate launch
+--config_file accelerate_configs/multi_cpu.yaml``, DeepSpeed ZeRO-2 and ZeRO-3 through their profiles with
+``--num_processes 2`` (``DS_ACCELERATOR=cpu``), all on DEAL (task 1 LoRA, task 2 DEAL's parametrization and fold),
+compared with one in-process run with the same global batch (2 processes x 2 rows = 1 process x 4 rows).
 
-Tolerance: the adapters after each task agree within 1e-6 (float32; measured differences 0 to 3e-7). DDP
-averages the two processes' gradients (each the sum over its rows divided by the global answer-token count), so
-the sums run in another order than one process summing all rows; AdamW's first step moves every entry by about
-lr = 5e-3 whatever the gradient size, so a sign flip of a vanishing gradient entry would show as a 1e-2 jump, and
-1e-6 is far above float32 rounding and far below any such difference.
+Tolerance: the adapters after each task agree within 1e-6 (float32; measured differences 0 to 3e-7). The processes'
+gradients are averaged by all-reduce (DDP) or reduce-scatter (ZeRO), each the sum over its rows divided by the
+global answer-token count, so the sums run in another order than one process summing all rows; AdamW's first step
+moves every entry by about lr = 5e-3 whatever the gradient size, so a sign flip of a vanishing gradient entry would
+show as a 1e-2 jump, and 1e-6 is far above float32 rounding and far below any such difference.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def _launch(profile: str, out, *extra: str, script: str | None = None) -> subpro
     port = str(_free_port())
     starter = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port] \
         if profile == "multi_cpu" else [sys.executable]
+    processes = [] if profile == "multi_cpu" else ["--num_processes", "2"]  # DeepSpeed: accelerate starts both
     cmd = [*starter, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "accelerate_configs" / f"{profile}.yaml"), "--main_process_port", port,
+           str(REPO / "accelerate_configs" / f"{profile}.yaml"), "--main_process_port", port, *processes,
            *target, *ARGS, "--output_dir", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -96,11 +97,25 @@ def test_ddp_two_processes_equal_one_process(reference, tmp_path):
     _assert_same_adapters(tmp_path / "ddp", ref_out)
 
 
-def test_deepspeed_zero2_world_size_1(reference, tmp_path):
-    ref_out, _ = reference
-    proc = _launch("deepspeed_zero2", tmp_path / "z2", "--per_device_train_batch_size", "4", "--mixed_precision", "no")
+def _assert_two_processes(out, ref_metrics):
+    """The run trained as 2 processes of one job (not two lone runs): the same samples and global losses as the
+    one-process reference, and its metrics written once."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"]
+    assert [p["train_samples"] for p in metrics["per_task"]] == [p["train_samples"] for p in ref_metrics["per_task"]]
+    assert [p["optimizer_steps"] for p in metrics["per_task"]] == [2, 2]  # 8 rows / (2 processes x 2 rows)
+    for key in ("final_loss", "mean_loss"):
+        assert [p[key] for p in metrics["per_task"]] == pytest.approx([p[key] for p in ref_metrics["per_task"]],
+                                                                       rel=1e-5), key
+
+
+def test_deepspeed_zero2_two_processes_equal_one_process(reference, tmp_path):
+    ref_out, ref_metrics = reference
+    proc = _launch("deepspeed_zero2", tmp_path / "z2", "--per_device_train_batch_size", "2", "--mixed_precision", "no")
+    assert proc.stdout.count("Average accuracy") == 1  # printed by the main process only
+    _assert_two_processes(tmp_path / "z2", ref_metrics)
     _assert_same_adapters(tmp_path / "z2", ref_out)
-    # one process: DeepSpeed's CPU shared-memory op is neither compiled nor loaded (distributed.skip_cpu_shared_memory_op)
+    # DeepSpeed's CPU shared-memory op is neither compiled nor loaded (distributed.skip_cpu_shared_memory_op)
     assert "shm_comm" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
 
 
@@ -116,15 +131,28 @@ def test_skip_cpu_shared_memory_op_only_for_one_process_deepspeed_on_cpu(monkeyp
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     assert skip_cpu_shared_memory_op() is False and table["deepspeed_shm_comm"] is True  # no DeepSpeed profile
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert skip_cpu_shared_memory_op() is False and table["deepspeed_shm_comm"] is True  # peers to share memory with
-    monkeypatch.setenv("WORLD_SIZE", "1")
     assert skip_cpu_shared_memory_op() is True and table["deepspeed_shm_comm"] is False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_accelerator_kwargs_name_gloo_for_deepspeed_on_cpus_with_several_processes(monkeypatch):
+    from deal_train.distributed import accelerator_kwargs
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert accelerator_kwargs() == {}  # DDP: Accelerate picks gloo itself
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert accelerator_kwargs() == {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (handler,) = accelerator_kwargs()["kwargs_handlers"]
+    assert handler.backend == "gloo"
 
 
 ZERO3_PROBE = '''
 """Runs the CLI under ZeRO-3 and records, right after each task's accelerator.prepare, what ZeRO-3 did to the
-adapter tensors and to DEAL's buffers; then checks the profile refusals with the live DeepSpeed state."""
+adapter tensors and to DEAL's buffers, and (once) the profile refusals with the live DeepSpeed state."""
 import json, sys
 from deal_train import cli
 cli.quiet_libraries()  # before anything imports PEFT (and with it bitsandbytes), as cli.main does
@@ -155,21 +183,25 @@ def probe(model):
     for n, m in factors:
         for b, t in m.named_buffers():
             buffers[f"{n}.{b}"] = t.detach().clone().contiguous()
+    if "stage" not in record:  # while the run's process group and DeepSpeed state are live
+        acc = Accelerator()
+        record["stage"] = distributed.zero_stage(acc)
+        record["world_size"] = acc.num_processes
+        record["main"] = acc.is_main_process
+        for key, value in (("load_in_8bit", True), ("eval_zero_shot", True)):
+            try:
+                distributed.check_profile(TrainConfig(**{key: value}), acc)
+                record[key] = None
+            except ConfigError as err:
+                record[key] = str(err)
 
 distributed.check_persistent = probe
 code = cli.main(sys.argv[1:])
-acc = Accelerator()
-record["stage"] = distributed.zero_stage(acc)
-for key, value in (("load_in_8bit", True), ("eval_zero_shot", True)):
-    try:
-        distributed.check_profile(TrainConfig(**{key: value}), acc)
-        record[key] = None
-    except ConfigError as err:
-        record[key] = str(err)
 out = sys.argv[sys.argv.index("--output_dir") + 1]
-save_file(buffers, out + "/zero3_buffers.safetensors")
-with open(out + "/zero3_probe.json", "w") as fh:
-    json.dump(record, fh)
+if record["main"]:
+    save_file(buffers, out + "/zero3_buffers.safetensors")
+    with open(out + "/zero3_probe.json", "w") as fh:
+        json.dump(record, fh)
 sys.exit(code)
 '''
 
@@ -182,10 +214,12 @@ def test_deepspeed_zero3_keeps_deal_history_and_saves_complete_adapters(referenc
     script = tmp_path / "zero3_probe.py"
     script.write_text(ZERO3_PROBE)
     out = tmp_path / "z3"
-    _launch("deepspeed_zero3", out, "--per_device_train_batch_size", "4", "--mixed_precision", "no",
-            "--gradient_checkpointing", "true", script=str(script))
+    proc = _launch("deepspeed_zero3", out, "--per_device_train_batch_size", "2", "--mixed_precision", "no",
+                   "--gradient_checkpointing", "true", script=str(script))
+    assert proc.stdout.count("Average accuracy") == 1
+    _assert_two_processes(out, ref_metrics)
     probe = json.loads((out / "zero3_probe.json").read_text())
-    assert probe["stage"] == 3
+    assert probe["stage"] == 3 and probe["world_size"] == 2
     for cfg in (json.loads((out / "metrics.json").read_text())["config"], ref_metrics["config"]):
         assert cfg["deal_residual_update"] is True and cfg["deal_lambda_drift"] > 0
     first, second = probe["tasks"]
@@ -247,6 +281,8 @@ def test_zero3_leaf_hook_fires_after_all_deal_gradients(monkeypatch, kernel, lay
     for name, p in factor.named_parameters():
         assert seen[0][name] is not None, f"{name}: no gradient yet when the leaf hook fired"
         assert p.grad.abs().sum() > 0, name
+        # bit equality on purpose: the same tensor read twice in one process; any later accumulation, however
+        # small, is what the test must catch
         torch.testing.assert_close(seen[0][name], p.grad, atol=0, rtol=0, msg=f"{name} grew after the leaf hook")
 
 

@@ -12,7 +12,7 @@
         text_column: text                # default: sentence
         label_column: label              # default: label
 
-Paths are relative to the YAML file; ``$VARS`` and ``~`` are expanded. The task sequence is the file's order,
+Paths are relative to the YAML file; ``$VARS`` and ``~`` are expanded (an unset variable is an error that names it). The task sequence is the file's order,
 or the ``tasks`` key's names. Rows go through the same checks as CL_Benchmark rows (``dataset.check_rows``).
 """
 
@@ -21,11 +21,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass
 
 
 from ..config import ConfigError, read_yaml
 from .dataset import check_rows
+from .labels import check_label_set
 from .tasks import INSTRUCTIONS, Task
 
 TASK_KEYS = {"name", "type", "instruction", "labels", "label_map", "train", "test", "text_column", "label_column"}
@@ -43,14 +45,27 @@ class FileTask:
     label_map: dict | None  # str(raw value) -> label string
 
 
-def _path(base: str, value: str) -> str:
-    path = os.path.expanduser(os.path.expandvars(str(value)))
+_ENV_VAR = re.compile(r"\$(?:\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _path(base: str, value: str, where: str, key: str) -> str:
+    """``value`` with ``$VAR`` / ``${VAR}`` and ``~`` expanded, relative to ``base`` (the tasks_file's folder).
+
+    Raises:
+        ConfigError: ``value`` names an environment variable that is not set (naming it, the task and the key).
+    """
+    text = str(value)
+    unset = [a or b for a, b in _ENV_VAR.findall(text) if (a or b) not in os.environ]
+    if unset:
+        raise ConfigError(f"{where}: '{key}: {text}' uses the environment variable {unset[0]}, which is not set. "
+                          f"Set it (export {unset[0]}=...) or write the path without it.")
+    path = os.path.expanduser(os.path.expandvars(text))
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
 
 
 def _labels(where: str, base: str, value) -> tuple[str, ...]:
     if isinstance(value, str):
-        path = _path(base, value)
+        path = _path(base, value, where, "labels")
         try:
             with open(path, encoding="utf-8") as fh:
                 value = json.load(fh)
@@ -61,6 +76,7 @@ def _labels(where: str, base: str, value) -> tuple[str, ...]:
     labels = tuple(str(x) for x in value)
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{where}: 'labels' lists a label twice: {list(labels)}.")
+    check_label_set(labels, where)
     return labels
 
 
@@ -69,7 +85,8 @@ def read_tasks_file(path: str) -> dict[str, FileTask]:
 
     Raises:
         ConfigError: the file is missing or not YAML, a task entry has unknown or missing keys, a repeated name,
-            bad labels, or a ``label_map`` value outside the labels (each message names the file and the task).
+            bad labels (also two labels that exact match cannot tell apart), a path with an unset ``$VAR``, or a
+            ``label_map`` value outside the labels (each message names the file and the task).
     """
     data = read_yaml(path, "tasks_file")
     entries = data.get("tasks") if isinstance(data, dict) else None
@@ -107,7 +124,7 @@ def read_tasks_file(path: str) -> dict[str, FileTask]:
             if outside:
                 raise ConfigError(f"{where}: label_map values {outside} are not in 'labels' {list(labels)}.")
         task = Task(name=name, type=ttype, labels=labels, instruction=str(instruction), directory=base)
-        out[name] = FileTask(task=task, files={s: _path(base, entry[s]) for s in ("train", "test")},
+        out[name] = FileTask(task=task, files={s: _path(base, entry[s], where, s) for s in ("train", "test")},
                              text_column=str(entry.get("text_column") or "sentence"),
                              label_column=str(entry.get("label_column") or "label"), label_map=label_map)
     return out
@@ -120,8 +137,7 @@ def read_table(path: str, task_name: str) -> list[dict]:
         ConfigError: the file is missing or cannot be parsed (names the task, file and line).
     """
     if not os.path.isfile(path):
-        hint = " (is the environment variable in its path set?)" if "$" in path else ""
-        raise ConfigError(f"Task '{task_name}': {path} not found{hint}.")
+        raise ConfigError(f"Task '{task_name}': {path} not found.")
     try:
         with open(path, encoding="utf-8", newline="") as fh:
             if path.lower().endswith(".csv"):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from .labels import format_options
 from .tasks import Task
 
 
@@ -13,7 +14,7 @@ def prompt_parts(task: Task, sentence: str) -> tuple[str, str, str]:
     """Split the prompt into (head, sentence, tail) so truncation can cut the sentence only."""
     head = f"Task:{task.type}\nDataset:{task.name}\n"
     if task.has_options:
-        head += task.instruction + "Option: " + ", ".join(task.labels) + " \n"
+        head += task.instruction + "Option: " + format_options(task.labels) + " \n"
     return head, sentence, "\nAnswer:"
 
 

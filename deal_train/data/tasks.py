@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from ..config import ConfigError
+from .labels import check_label_set
 
 INSTRUCTIONS = {
     "TC": "What is the topic of the following paragraph? Choose one from the option.\n",
@@ -90,7 +91,8 @@ def load_task(data_dir: str, name: str) -> Task:
     """Look a task up in the CL_Benchmark layout under ``data_dir``.
 
     Raises:
-        ConfigError: ``data_dir`` or the task's directory or ``labels.json`` is missing or unreadable.
+        ConfigError: ``data_dir`` or the task's directory or ``labels.json`` is missing or unreadable, or two labels
+            are the same answer to exact match (``labels.check_label_set``).
     """
     if name not in TASK_TYPES:
         raise ConfigError(f"Unknown task '{name}'. Known tasks: {', '.join(TASK_TYPES)}.")
@@ -110,4 +112,5 @@ def load_task(data_dir: str, name: str) -> Task:
         raise ConfigError(f"Task '{name}': cannot read {labels_path}: {err}") from None
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
         raise ConfigError(f"Task '{name}': {labels_path} must be a non-empty JSON list of label strings.")
+    check_label_set(labels, f"Task '{name}': {labels_path}")
     return Task(name=name, type=ttype, labels=tuple(labels), instruction=INSTRUCTIONS[ttype], directory=directory)

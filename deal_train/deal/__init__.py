@@ -1,7 +1,8 @@
 """The DEAL maths: retention kernels and filter, update MLP, regularisers, fold (DESIGN.md section 3)."""
 
-from .filter import DEALFactor, RetentionStack, UpdateMLP, attach, fold, p_norm, regulariser
+from .filter import (DRIFT_FLOOR_FRACTION, DEALFactor, RetentionStack, UpdateMLP, attach, fold, p_norm, regulariser,
+                     set_drift_floors)
 from .kernels import KERNELS, HaarFilter, SpectralFilter, build_retention_layer
 
-__all__ = ["DEALFactor", "HaarFilter", "KERNELS", "RetentionStack", "SpectralFilter", "UpdateMLP", "attach",
-           "build_retention_layer", "fold", "p_norm", "regulariser"]
+__all__ = ["DRIFT_FLOOR_FRACTION", "DEALFactor", "HaarFilter", "KERNELS", "RetentionStack", "SpectralFilter", "UpdateMLP", "attach",
+           "build_retention_layer", "fold", "p_norm", "regulariser", "set_drift_floors"]

@@ -42,7 +42,7 @@ RETENTION_ACTIVATIONS = ("identity", "gelu", "tanh")
 """Activations allowed between retention layers: all have δ(0) = 0, which the identity at start needs."""
 
 __all__ = ["ACTIVATIONS", "RETENTION_ACTIVATIONS", "KERNELS", "SpectralFilter", "RetentionStack", "UpdateMLP",
-           "DEALFactor", "p_norm", "regulariser", "attach", "fold"]
+           "DEALFactor", "DRIFT_FLOOR_FRACTION", "set_drift_floors", "p_norm", "regulariser", "attach", "fold"]
 
 
 class RetentionStack(nn.Module):
@@ -160,7 +160,9 @@ class DEALFactor(nn.Module):
         y = (weight.t() if self.transpose else weight).float().contiguous()
         out = self._map(y)
         out = out.t() if self.transpose else out
-        return out.to(weight.dtype)
+        # The same dtype, shape and strides as the plain LoRA weight: a transposed view would send F.linear to
+        # another BLAS kernel on some CPUs, and the identity at the start of a task would differ in the last bits.
+        return out.to(weight.dtype).contiguous()
 
     def retention_parameters(self) -> list[nn.Parameter]:
         """θ1 of Eq. 12: {g, c} of every spectral layer, or the band scales a of every Haar layer."""
@@ -174,11 +176,36 @@ class DEALFactor(nn.Module):
         """[R] with ``residual=True``, else []. Not part of θ1/θ2; the drift penalty covers it."""
         return [] if self.residual is None else [self.residual]
 
+    drift_floor: float = 0.0
+    """ε of ``drift``'s denominator, set for all factors of an adapter by ``set_drift_floors``."""
+
     def drift(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """||O - Y||²_F / ||Y||²_F (scalar; denominator clamped at 1e-12 for an all-zero history); ``params`` as
-        for ``factor``."""
+        """||O - Y||²_F / (||Y||²_F + ε) (scalar), ε = ``drift_floor`` (see ``set_drift_floors``; the sum is
+        clamped at 1e-12): the relative drift of the folded factor, which stays finite and of the loss's order for
+        a (near-)zero history instead of growing as 1 / ||Y||²; ``params`` as for ``factor``."""
         diff = self.factor(params) - self.history
-        return diff.pow(2).sum() / self.history.pow(2).sum().clamp_min(1e-12)
+        return diff.pow(2).sum() / (self.history.pow(2).sum() + self.drift_floor).clamp_min(1e-12)
+
+
+DRIFT_FLOOR_FRACTION = 1e-3
+"""ε of the drift penalty as a fraction of the mean history energy ||Y||²_F of the adapter's factors."""
+
+
+def set_drift_floors(factors: list[DEALFactor], fraction: float = DRIFT_FLOOR_FRACTION) -> None:
+    """Set each factor's ``drift_floor`` ε = ``fraction`` × the mean ||Y||²_F of the factors on its side (all
+    lora_A factors, or all lora_B ones), or of all factors where that side's histories are all zero (e.g. a B never
+    trained). For a typical factor ε changes the relative drift by about ``fraction`` (0.1 %); for a vanishing
+    history it replaces the division by ~0 (an all-zero B once made the penalty 1e10 against a cross-entropy of 10)
+    by one on the adapter's own scale. Deterministic in the histories, so a resumed task gets the same ε."""
+    if not factors:
+        return
+    energy = [float(f.history.double().pow(2).sum()) for f in factors]
+    overall = sum(energy) / len(energy)
+    for side in (True, False):
+        idx = [i for i, f in enumerate(factors) if f.transpose is side]
+        mean = sum(energy[i] for i in idx) / len(idx) if idx else 0.0
+        for i in idx:
+            factors[i].drift_floor = fraction * (mean if mean > 0 else overall)
 
 
 def p_norm(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -6,11 +6,12 @@ a builder with one signature; nothing else in the package branches on the kernel
 
 Spectral kernels (``heat``, ``xexp``, ``spline``) filter the singular spectrum of H = U diag(s) Vᵀ::
 
-    ŝ        = s / max(s)                                     (r,), in [0, 1]; 0 for an all-zero H
-    rho(ŝ)   = 1 + sum_j g_j ⊙ phi_j(ŝ)                       (r,), g: J × r learnable gains, zero at start
+    ŝ        = s / max(s)                                     (k,), in [0, 1]; 0 for an all-zero H
+    rho(ŝ)   = 1 + sum_j g_j ⊙ phi_j(ŝ)                       (k,), g: J × k learnable gains, zero at start
     X̂        = U diag(s ⊙ rho(ŝ)) Vᵀ = H + U diag(s ⊙ (rho(ŝ) - 1)) Vᵀ
 
-with J learnable centres c_j and fixed widths sigma_j = sigma_base · 2^-j (j = 0..J-1, on the normalised
+with k = min(n, r) singular values (k = r unless the rank exceeds the factor's width n), J learnable centres c_j
+and fixed widths sigma_j = sigma_base · 2^-j (j = 0..J-1, on the normalised
 spectrum). The kernel profiles phi_j(ŝ) (each J × r, peak value 1):
 
 * ``heat`` (paper Eq. 8, the default): ``exp(-(ŝ - c_j)² / (2 sigma_j²))``.
@@ -109,8 +110,9 @@ class SpectralFilter(nn.Module):
         decompose_input: True for layers after the first (K > 1), whose input depends on trainable parameters:
             the SVD is then taken of every input, see ``decompose``.
 
-    Buffers: ``sigma`` (J); with a fixed input also ``U`` (n × r), ``s`` (r), ``Vh`` (r × r), ``s_norm`` (r).
-    Parameters: ``centres`` c (J), ``gains`` g (J × r, zeros: the layer starts as the identity).
+    Buffers: ``sigma`` (J); with a fixed input also ``U`` (n × k), ``s`` (k), ``Vh`` (k × r), ``s_norm`` (k), where
+    k = min(n, r) is the length of the thin SVD (k = r unless the LoRA rank exceeds the layer's width n).
+    Parameters: ``centres`` c (J), ``gains`` g (J × k, zeros: the layer starts as the identity).
     """
 
     def __init__(self, reference: torch.Tensor, num_scales: int, profile: SpectralProfile | None = None,
@@ -118,7 +120,7 @@ class SpectralFilter(nn.Module):
         super().__init__()
         self.profile = profile or HeatProfile()
         self.decompose_input = decompose_input
-        rank = reference.shape[1]
+        spectrum = min(reference.shape)  # the thin SVD's length: r, or n when the rank exceeds the width
         self.register_buffer("sigma", kernel_widths(num_scales, sigma_base))
         if not decompose_input:
             with torch.no_grad():
@@ -128,7 +130,7 @@ class SpectralFilter(nn.Module):
             self.register_buffer("Vh", vh)
             self.register_buffer("s_norm", self._normalise(s, s))
         self.centres = nn.Parameter(self.profile.initial_centres(num_scales))
-        self.gains = nn.Parameter(torch.zeros(num_scales, rank))
+        self.gains = nn.Parameter(torch.zeros(num_scales, spectrum))
 
     @staticmethod
     def _normalise(s: torch.Tensor, s_const: torch.Tensor) -> torch.Tensor:
@@ -154,7 +156,7 @@ class SpectralFilter(nn.Module):
         return u, s, vh, SpectralFilter._normalise(s, s_const)
 
     def response(self, s_norm: torch.Tensor | None = None) -> torch.Tensor:
-        """rho(ŝ) = 1 + sum_j g_j ⊙ phi_j(ŝ), shape (r,); ŝ defaults to the fixed input's."""
+        """rho(ŝ) = 1 + sum_j g_j ⊙ phi_j(ŝ), shape (k,); ŝ defaults to the fixed input's."""
         s_norm = self.s_norm if s_norm is None else s_norm
         return 1.0 + (self.gains * self.profile(s_norm, self.centres, self.sigma)).sum(dim=0)
 

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from torch.nn.utils import parametrize
 
-from ..deal import DEALFactor, attach, regulariser
+from ..deal import DEALFactor, attach, regulariser, set_drift_floors
 from ..distributed import live, live_named, writing
 from .adapters import lora_layers
 from .base import ContinualMethod
@@ -55,6 +55,7 @@ class DEAL(ContinualMethod):
                 factor.to(linear.weight.device)
                 attach(linear, "weight", factor)
                 self.factors.append(factor)
+        set_drift_floors(self.factors)
         self._retention_start = [p.detach().clone().float() for f in self.factors for p in f.retention_parameters()]
         self._update_start = [p.detach().clone().float() for f in self.factors for p in f.update_parameters()]
 
