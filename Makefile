@@ -10,7 +10,7 @@ TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(LOCK))
 CONFIG ?= configs/standard_order1_smollm2.yaml
 ARGS ?=
 
-.PHONY: setup train test lock versions clean-venv
+.PHONY: setup train test test-cpu-paths lock versions clean-venv
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,14 @@ train: setup
 
 test: setup versions
 	$(PY) -m pytest -q
+
+# The float-sensitive tests (identity at task start, fold, batching, baselines, resume) under other CPU code paths:
+# ATen's portable kernels, MKL limited to SSE4.2, one and two threads. They must pass on any x86-64 CPU.
+FLOAT_TESTS ?= tests/test_deal_maths.py tests/test_deal_kernels.py tests/test_deal_defaults.py tests/test_batching.py \
+	tests/test_baselines.py tests/test_seq2seq.py tests/test_end_to_end_tiny.py tests/test_checkpointing.py
+test-cpu-paths: setup
+	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=1 $(PY) -m pytest -q $(FLOAT_TESTS)
+	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=2 $(PY) -m pytest -q $(FLOAT_TESTS)
 
 versions: setup
 	@$(PY) -c "import importlib.metadata as m, platform; print('stack:', 'python', platform.python_version(), *(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate', 'deepspeed', 'bitsandbytes', 'datasets')))"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from deal_train.checkpointing import (CHECKPOINTS_DIR, StepCheckpointer, StopSignals, TrainingStopped,
                                       list_checkpoints, verify_checkpoint)
@@ -56,7 +57,10 @@ def runs(tmp_path_factory):
     killed_out = tmp_path_factory.mktemp("killed") / "run"
     argv = [*ARGS, "--checkpoint_every_steps", "1", "--output_dir", str(killed_out)]
     proc = subprocess.Popen([sys.executable, "-c", KILLER, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            text=True, cwd=REPO,
+                            # the same thread count as this process: byte-identical results are promised for the same
+                            # operations on the same inputs, and another count would sum in another order
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())})
     try:
         out = tmp_path_factory.mktemp("reference") / "run"
         assert run_cli(run, [*ARGS, "--output_dir", str(out)]) == 0

@@ -58,6 +58,11 @@ def test_identity_at_task_start(tiny_model, update):
             if torch.nn.utils.parametrize.is_parametrized(lin, "weight"):
                 n_param += 1
                 assert torch.equal(lin.weight, lin.parametrizations.weight.original)
+                # the same layout as plain LoRA's weight, so F.linear takes the same BLAS kernel on any CPU
+                original = lin.parametrizations.weight.original
+                assert (lin.weight.dtype, lin.weight.shape, lin.weight.stride()) == \
+                    (original.dtype, original.shape, original.stride())
+                assert lin.weight.is_contiguous()
     assert n_param == len(method.factors)
     assert len(method.factors) == {"both": 2, "A": 1, "B": 1}[update] * len(lora_layers(model))
     assert weights_before  # the model has LoRA weights at all

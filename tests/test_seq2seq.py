@@ -123,7 +123,7 @@ def test_ewc_fisher_and_lwf_teacher_on_t5(tokenizer, tiny_method):
     method.before_task(model, 1)
     assert TEACHER_ADAPTER in model.peft_config
     assert model.peft_config[TEACHER_ADAPTER].task_type == "SEQ_2_SEQ_LM"
-    assert torch.equal(method.teacher_logits(model, batch), old)
+    torch.testing.assert_close(method.teacher_logits(model, batch), old, atol=1e-6, rtol=0)  # a copied adapter
     params = method.param_groups(model)[0]["params"]
     opt = torch.optim.AdamW(params, lr=1e-2)
     outputs = answer_forward(model, batch)
@@ -133,7 +133,8 @@ def test_ewc_fisher_and_lwf_teacher_on_t5(tokenizer, tiny_method):
     (ce / n + extra).backward()
     opt.step()
     _extra, logs = method.extra_loss(model, batch, answer_forward(model, batch))
-    assert logs["lwf/kl"] > 0 and torch.equal(method.teacher_logits(model, batch), old)
+    assert logs["lwf/kl"] > 0
+    torch.testing.assert_close(method.teacher_logits(model, batch), old, atol=1e-6, rtol=0)  # the teacher did not move
 
 
 def _deal_parameters(n_factors: int, cfg: TrainConfig, width: int) -> int:
