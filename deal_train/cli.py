@@ -100,8 +100,8 @@ def run_cli(main: Callable[[TrainConfig], Any], argv: Sequence[str] | None = Non
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        from .checkpointing import TrainingStopped
-        from .loop import TrainingError
+        from .train.checkpointing import TrainingStopped
+        from .train.loop import TrainingError
 
         if isinstance(err, TrainingStopped) and not args.debug:
             print(f"\nstopped: {err}", file=sys.stderr)
@@ -127,7 +127,7 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from .precision import quiet_bitsandbytes
+    from .model.precision import quiet_bitsandbytes
 
     quiet_bitsandbytes()
     logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuFallback())
@@ -141,12 +141,22 @@ class _DeepSpeedCpuFallback(logging.Filter):
         return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
+def run(cfg: TrainConfig) -> dict:
+    """Train ``cfg`` (``train.loop.run``) and return its metrics, or with ``dry_run`` print and return its plan
+    (``tools.dry_run``)."""
+    if cfg.dry_run:
+        from .tools.dry_run import dry_run
+
+        return dry_run(cfg)
+    from .train.loop import run as train_run
+
+    return train_run(cfg)
+
+
 def train(cfg: TrainConfig) -> None:
-    """Run ``cfg`` with the training loop, imported only now (torch, transformers, PEFT take seconds to import),
+    """``run(cfg)`` with the training loop imported only now (torch, transformers, PEFT take seconds to import),
     so ``--help`` and bad options answer at once."""
     quiet_libraries()
-    from .loop import run
-
     run(cfg)
 
 

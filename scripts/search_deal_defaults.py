@@ -2,7 +2,7 @@
 
     python scripts/search_deal_defaults.py [--output_dir outputs/deal_search] [--stages 1,2,3] [--key value ...]
 
-Every stage is one ``deal_train.sweep`` grid run with the settings fixed so far; the stage's best point (highest
+Every stage is one ``deal_train.tools.sweep`` grid run with the settings fixed so far; the stage's best point (highest
 validation average accuracy, ties broken by backward transfer) fixes its keys for the later stages. Reference
 methods (SeqLoRA, O-LoRA) run once on the same split and budget. Runs already finished are read back, so a rerun
 only adds what is missing and an interrupted search resumes. At the end ``docs/deal_defaults.md`` is written from
@@ -24,9 +24,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from deal_train.cli import build_parser, config_from_args, quiet_libraries  # noqa: E402
-from deal_train.compare import format_pct  # noqa: E402
+from deal_train.tools.compare import format_pct  # noqa: E402
 from deal_train.outputs import atomic_write_text  # noqa: E402
-from deal_train.sweep import parse_grid, sweep  # noqa: E402
+from deal_train.tools.sweep import parse_grid, sweep  # noqa: E402
 
 BUDGET = ["--config", "configs/tc_smollm2.yaml", "--max_train_samples", "64", "--validation_rows", "32",
           "--eval_split", "validation", "--eval_zero_shot", "false"]

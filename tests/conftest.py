@@ -45,7 +45,7 @@ def leaves_rng_alone(fn) -> bool:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from deal_train import models
+    from deal_train.model import loading as models
 
     if not os.path.isfile(os.path.join(models.cache_dir(), "smollm2-135m-instruct", "config.json")):
         FIRST_CONVERSION["rng_untouched"] = leaves_rng_alone(lambda: models.resolve_model_path("smollm2-135m-instruct"))
@@ -54,7 +54,7 @@ def tokenizer():
 
 @pytest.fixture()
 def tiny_model(tokenizer):
-    from deal_train.models import load_model
+    from deal_train.model.loading import load_model
 
     return load_model("tiny-random-llama", tokenizer)
 
@@ -72,9 +72,9 @@ def tiny_method(tokenizer, data_dir):
     ``model="tiny-random-t5"`` for the encoder-decoder."""
     from deal_train.config import TrainConfig
     from deal_train.data import encoder_for
-    from deal_train.loop import prepare_data, tokenise
+    from deal_train.train.loop import prepare_data, tokenise
     from deal_train.methods import get_method
-    from deal_train.models import load_model
+    from deal_train.model.loading import load_model
 
     def make(name: str, **overrides):
         cfg = TrainConfig(method=name, **{**TINY_METHOD, **overrides})
@@ -102,7 +102,7 @@ TINY_T5_RUN = dict(model="tiny-random-t5", tasks=["dbpedia", "amazon"], max_trai
 
 def _run_cache(root, settings: dict):
     """``get(method)`` -> (cfg, metrics, trained_batches) for ``settings``, one run per method, cached."""
-    from deal_train import loop
+    from deal_train.train import loop
     from deal_train.config import TrainConfig
 
     cache = {}

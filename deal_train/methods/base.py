@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from ..config import TrainConfig
 from ..data import Task
-from ..models import peft_task_type
+from ..model.loading import peft_task_type
 
 
 class ContinualMethod:

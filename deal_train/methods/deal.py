@@ -15,7 +15,7 @@ from peft import PeftModel
 from torch.nn.utils import parametrize
 
 from ..deal import DEALFactor, attach, regulariser
-from ..distributed import live, live_named, writing
+from ..model.sharding import live, live_named, writing
 from .adapters import lora_layers
 from .base import ContinualMethod
 
@@ -134,7 +134,7 @@ class DEAL(ContinualMethod):
 
         The same as ``deal.fold`` on each weight, in two phases so that it also holds under ZeRO-3: every O is
         computed first (running a parametrization is a forward pass, after which ZeRO-3 may release the weight),
-        then the parametrizations are removed and the values written (``distributed.writing``)."""
+        then the parametrizations are removed and the values written (``model.sharding.writing``)."""
         if task_index == 0:
             return
         linears = [linear for _name, layer in lora_layers(model)

@@ -35,8 +35,8 @@ from typing import Iterable
 import torch
 from peft import PeftModel
 
-from ..distributed import live
-from ..losses import answer_forward, token_cross_entropy_sum
+from ..model.sharding import live
+from ..model.losses import answer_forward, token_cross_entropy_sum
 from .base import ContinualMethod
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from ..distributed import writing
-from ..losses import answer_forward, answer_logits
+from ..model.sharding import writing
+from ..model.losses import answer_forward, answer_logits
 from .adapters import activate, kept_adapter_state
 from .base import ContinualMethod
 

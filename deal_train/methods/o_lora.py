@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from ..distributed import live
+from ..model.sharding import live
 from .adapters import (activate, adapter_parameters, kept_adapter_state, load_named_adapter, lora_layers,
                        save_named_adapter, task_adapter)
 from .base import ContinualMethod

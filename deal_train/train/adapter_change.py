@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .methods.adapters import lora_layers
+from ..methods.adapters import lora_layers
 
 
 @dataclass

@@ -18,9 +18,9 @@ import math
 import torch
 from transformers import PretrainedConfig
 
-from .architectures import ARCHITECTURES, HUB_IDS, architecture_config
-from .config import METHOD_NAMES, ConfigError, TrainConfig
-from .models import check_target_modules, default_target_modules, is_encoder_decoder, meta_model, model_config
+from ..model.architectures import ARCHITECTURES, HUB_IDS, architecture_config
+from ..config import METHOD_NAMES, ConfigError, TrainConfig
+from ..model.loading import check_target_modules, default_target_modules, is_encoder_decoder, meta_model, model_config
 
 GIB = 1024 ** 3
 _ADAPTER_CACHE: dict = {}
@@ -54,7 +54,7 @@ def adapter_shapes(label: str, config: PretrainedConfig, cfg: TrainConfig) -> di
     Raises:
         ConfigError: a target module matches no linear layer.
     """
-    from .methods import get_method
+    from ..methods import get_method
 
     key = (label, cfg.lora_rank, tuple(cfg.target_modules))
     if key not in _ADAPTER_CACHE:
@@ -73,7 +73,7 @@ def deal_parameters(factors: list[tuple[tuple, tuple]], cfg: TrainConfig) -> int
     """Trainable DEAL parameters on a task after the first: the parameters of the factor map that DEAL builds
     (``DEAL.new_factor``) for every LoRA factor ``deal_update`` maps, each built once per shape on a small random
     CPU matrix."""
-    from .methods import get_method
+    from ..methods import get_method
 
     deal = get_method(dataclasses.replace(cfg, method="deal"))
     counts: dict = {}
@@ -116,8 +116,8 @@ def data_plan(cfg: TrainConfig) -> tuple[list[str], list[int], list[int], str]:
     """(task names, training rows, test rows, note) per task. The rows are counted by reading the data
     (CL_Benchmark folder or files) as a run would; a Hub source is not downloaded, and data that cannot be read
     falls back to ``max_train_samples`` / ``max_test_samples``, with the reason in the note."""
-    from .data.sources import task_source
-    from .loop import prepare_data
+    from ..data.prepare import prepare_data
+    from ..data.sources import task_source
 
     if cfg.data_source != "hub":
         try:

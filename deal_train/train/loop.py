@@ -18,7 +18,6 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -29,16 +28,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import enable_full_determinism
 
-from . import adapter_change, distributed, precision
+from . import adapter_change, distributed
+from ..model import precision
 from .checkpointing import StepCheckpointer, StopSignals, TaskProgress
-from .config import METHOD_KEY_PREFIXES, ConfigError, TrainConfig, with_legacy_defaults
-from .data import Encoder, collate_train, encoder_for, sample_rows, split_validation
-from .data.sources import task_source
+from ..config import METHOD_KEY_PREFIXES, ConfigError, TrainConfig, with_legacy_defaults
+from ..data import Encoder, collate_train, encoder_for
+from ..data.prepare import TaskData, prepare_data, truncation_report
 from .evaluation import average_accuracy, backward_transfer, generate_predictions, score
-from .losses import answer_forward, token_cross_entropy_sum
-from .methods import ContinualMethod, get_method
-from .models import check_target_modules, load_tokenizer, with_model_defaults
-from .outputs import (METRICS_FILE, atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
+from ..model.losses import answer_forward, token_cross_entropy_sum
+from ..methods import ContinualMethod, get_method
+from ..model.loading import check_target_modules, load_tokenizer, with_model_defaults
+from ..outputs import (METRICS_FILE, atomic_write_dir, atomic_write_json, format_matrix, plot_accuracy_matrix,
                       write_predictions)
 from .profiling import memory_phase, memory_scalars, memory_stats
 
@@ -53,50 +53,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. repeated non-finite losses); the CLI prints the message and exits with code 1."""
 
 
-@dataclass
-class TaskData:
-    """One task's rows and tokenised features."""
-
-    task: object
-    train_rows: list
-    test_rows: list
-    train_features: object = None
-    test_features: object = None
-    truncated_train: int = 0
-    truncated_test: int = 0
-    dropped: dict | None = None  # rows without a gold label, per split
-    replay_features: list = field(default_factory=list)  # tokenised rows of earlier tasks trained with this one
-
-
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far, in bytes (``getrusage``; Linux reports KiB)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def prepare_data(cfg: TrainConfig) -> list[TaskData]:
-    """Load and validate every task of the sequence before any training starts, from ``cfg.data_source``
-    (``data/sources.py``: a CL_Benchmark folder, the Hugging Face Hub, or the user's files).
-
-    Each task's training file loses ``validation_rows`` rows to the validation split first
-    (``split_validation``); the training rows are sampled from the rest. With ``eval_split: validation`` the
-    validation rows take the test rows' place in evaluation (all of them; ``max_test_samples`` does not apply).
-
-    Raises:
-        ConfigError: unknown task/benchmark, missing or malformed files, labels outside the label set,
-            an unreachable Hub, or a task left empty after ``max_train_samples``.
-    """
-    source = task_source(cfg)
-    out = []
-    for i, name in enumerate(source.task_names()):
-        task = source.load_task(name)
-        dropped: dict = {}
-        validation, pool = split_validation(source.read_rows(task, "train", dropped), cfg.validation_rows, name)
-        train = sample_rows(pool, cfg.max_train_samples, cfg.seed + i)
-        test = sample_rows(source.read_rows(task, "test", dropped), cfg.max_test_samples, cfg.seed + 1000 + i)
-        if cfg.eval_split == "validation":
-            test = validation  # scored in place of the test rows (the test file is still checked above)
-        out.append(TaskData(task=task, train_rows=train, test_rows=test, dropped=dropped))
-    return out
 
 
 def tokenise(datas: list[TaskData], encoder: Encoder, method: ContinualMethod) -> None:
@@ -347,14 +306,6 @@ def save_task_outputs(method: ContinualMethod, model, path: str) -> None:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(path, METHOD_STATE_FILE))
 
 
-def truncation_report(datas: list[TaskData], max_source_length: int) -> list[str]:
-    """One line per task with prompts cut to ``max_source_length`` tokens (counts of training and test rows)."""
-    return [f"task {d.task.name}: {d.truncated_train} of {len(d.train_rows)} training and {d.truncated_test} of "
-            f"{len(d.test_rows)} test prompts were longer than max_source_length={max_source_length} tokens; their "
-            f"sentences were cut (instruction, options and answer kept)"
-            for d in datas if d.truncated_train or d.truncated_test]
-
-
 def run(cfg: TrainConfig) -> dict:
     """Train the configured method on the task sequence; returns the final metrics dict.
 
@@ -363,17 +314,11 @@ def run(cfg: TrainConfig) -> dict:
     ``tensorboard/``, and step checkpoints under ``checkpoints/`` while a task trains
     (``deal_train.checkpointing``). SIGINT, SIGTERM and SIGUSR1 checkpoint and stop the run.
 
-    With ``cfg.dry_run`` it only prints the plan (``plan.dry_run``) and returns it.
-
     Raises:
         ConfigError: any invalid input, before training starts (``CheckpointError``: an unusable checkpoint).
         TrainingError: repeated non-finite losses.
         TrainingStopped: a stop signal arrived; progress is saved (``exit_code`` = 128 + signal number).
     """
-    if cfg.dry_run:
-        from .plan import dry_run
-
-        return dry_run(cfg)
     cfg = with_model_defaults(cfg)
     with StopSignals(announce=os.environ.get("LOCAL_RANK", "0") == "0") as signals:
         return _run(cfg, signals)

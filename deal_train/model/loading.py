@@ -34,7 +34,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           LlamaForCausalLM, PretrainedConfig, PreTrainedModel, T5Config, T5ForConditionalGeneration)
 
 from .architectures import ARCHITECTURES, architecture_config, is_architecture
-from .config import ConfigError
+from ..config import ConfigError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 TINY_LLAMA_ALIAS = "tiny-random-llama"

@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
-from .outputs import atomic_write_json
+from ..config import ConfigError
+from ..outputs import atomic_write_json
 
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_STATE_FILE = "adapter_state.safetensors"

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import collate_eval
+from ..data import collate_eval
 
 _SPECIAL_TOKEN = re.compile(r"<\|?[a-zA-Z_/]+\|?>")
 _scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)

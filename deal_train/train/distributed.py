@@ -39,14 +39,13 @@ in every virtual environment (1-2 minutes), although one process has no peer to 
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterable, Iterator
 
 import torch
 from accelerate.utils import DistributedType
 
-from .config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig
+from ..model.sharding import is_zero3, gather_adapters
 
 
 def skip_cpu_shared_memory_op() -> bool:
@@ -142,7 +141,7 @@ def check_profile(cfg: TrainConfig, accelerator) -> None:
 
 def adapter_tensor_sizes(model: torch.nn.Module) -> int:
     """Elements of the largest adapter tensor (LoRA matrices of every adapter, DEAL's modules); 0 if none."""
-    from .precision import adapter_parameters
+    from ..model.precision import adapter_parameters
 
     return max((getattr(p, "ds_numel", p.numel()) for _n, p in adapter_parameters(model)), default=0)
 
@@ -220,7 +219,7 @@ def mark_leaf_modules(model: torch.nn.Module) -> None:
     reentrant gradient checkpointing, lie in the outer backward pass, which finishes them before it recomputes the
     checkpointed layers). ``tests/test_distributed.py`` checks this order.
     """
-    from .deal import DEALFactor
+    from ..deal import DEALFactor
 
     factors = [m for m in model.modules() if isinstance(m, DEALFactor)]
     if not factors:
@@ -239,72 +238,12 @@ def check_persistent(model: torch.nn.Module) -> None:
     Raises:
         RuntimeError: naming up to three adapter tensors that ZeRO-3 would shard.
     """
-    from .precision import adapter_parameters
+    from ..model.precision import adapter_parameters
 
-    sharded = [n for n, p in adapter_parameters(model) if _is_zero(p) and not getattr(p, "ds_persist", False)]
+    sharded = [n for n, p in adapter_parameters(model) if is_zero3(p) and not getattr(p, "ds_persist", False)]
     if sharded:
         raise RuntimeError(f"ZeRO-3 shards {len(sharded)} adapter tensors, e.g. {sharded[:3]}; raise "
                            f"stage3_param_persistence_threshold.")
-
-
-def _is_zero(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
-def gather(params: Iterable[torch.nn.Parameter]) -> None:
-    """Make the ZeRO-3 parameters among ``params`` whole on this rank where ZeRO-3 has released them; they stay
-    whole until ZeRO-3 releases them again. Ordinary tensors are left alone. Collective under ZeRO-3 (every process
-    calls it with the same parameters)."""
-    todo = [p for p in params if _is_zero(p) and p.ds_status.name == "NOT_AVAILABLE"]
-    if todo:
-        todo[0].all_gather(param_list=todo)
-
-
-def gather_adapters(model: torch.nn.Module) -> None:
-    """``gather`` for every adapter tensor of ``model`` (a no-op unless they are ZeRO-3 parameters)."""
-    from .precision import adapter_parameters
-
-    gather([p for _n, p in adapter_parameters(model)])
-
-
-def live(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Tensors to build a loss term from outside the forward pass: ``params`` themselves, except that ZeRO-3
-    parameters are gathered and replaced by copies (``clone``: the gradient flows back to the parameter, while the
-    data the backward pass needs no longer depends on ZeRO-3 keeping the parameter whole). Collective under
-    ZeRO-3."""
-    params = list(params)
-    if not any(_is_zero(p) for p in params):
-        return params
-    gather(params)
-    return [p.clone() if _is_zero(p) else p for p in params]
-
-
-def live_named(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """``live`` for the parameters of ``module`` by name, for ``torch.func.functional_call``; None when none is a
-    ZeRO-3 parameter (then call the module as it is)."""
-    named = dict(module.named_parameters())
-    if not any(_is_zero(p) for p in named.values()):
-        return None
-    return dict(zip(named, live(named.values())))
-
-
-@contextlib.contextmanager
-def writing(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
-    """Context for changing parameters outside the optimizer. For ZeRO-3 parameters: gathered on entry, the new
-    values (those of rank 0; every rank computes the same) written into their partitions on exit, and gathered
-    whole again; for ordinary tensors it does nothing. Run no forward pass inside (ZeRO-3 may release the
-    parameters after one, and a released parameter's new value would be lost). Collective under ZeRO-3."""
-    zero = [p for p in params if _is_zero(p)]
-    if not zero:
-        yield
-        return
-    import deepspeed
-
-    gather(zero)
-
-    with deepspeed.zero.GatheredParameters(zero, modifier_rank=0):
-        yield
-    zero[0].all_gather(param_list=zero)
 
 
 def check_saved_adapter(path: str) -> None:
