@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from deal_train.data import Encoder, collate_train, load_task, read_rows
 from deal_train.train.evaluation import generate_predictions
-from deal_train.train.loop import train_task
+from deal_train.train.task import train_task
 from deal_train.model.losses import answer_forward, token_cross_entropy_sum
 from deal_train.model.loading import tiny_llama_config
 

@@ -61,10 +61,11 @@ def test_two_task_run_writes_everything(tmp_path, tokenizer, method):
     assert saved["per_task"][0]["final_loss"] < saved["per_task"][0]["mean_loss"] * 1.5
     # TensorBoard scalars
     tags = _scalars(str(out / "tensorboard"))
-    assert {"train/loss", "train/learning_rate", "train/samples_per_second", "eval/average_accuracy",
+    assert {"train/loss", "train/learning_rate/lora", "train/samples_per_second", "eval/average_accuracy",
             "eval/dbpedia/exact_match"} <= tags
     if method == "deal":
         assert "deal/reg_update" in tags and "deal/drift" in tags
+        assert {"train/learning_rate/deal", "train/learning_rate/residual"} <= tags  # task 2's groups, by name
         assert "deal/relative_change/delta_w" in tags
         # task 2 trains the residuals R (LoRA's own shapes: task 1's count) plus the filter and MLP
         assert saved["per_task"][1]["trainable_parameters"] > saved["per_task"][0]["trainable_parameters"]

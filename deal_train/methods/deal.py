@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 from torch.nn.utils import parametrize
 
+from ..config import PROFILES
 from ..deal import DEALFactor, attach, regulariser
 from ..model.sharding import live, live_named, writing
 from .adapters import lora_layers
@@ -33,6 +34,37 @@ class DEAL(ContinualMethod):
     """
 
     name = "deal"
+    label = "DEAL"
+    config_prefix = "deal_"
+    config_keys = ("allow_unordered_norms",)
+    profiles = tuple(PROFILES)
+    results_role = "proposed"
+    paper_aa = {"T5 TC": 87.7, "T5 standard": 78.5, "T5 long": 73.9,
+                "LLaMA TC": 88.9, "LLaMA standard": 78.9, "LLaMA long": 74.6}
+    memory_kind = "deal"
+
+    @classmethod
+    def profile_config(cls, profile: str) -> dict:
+        """``deal_profile`` = ``profile`` and that preset's DEAL values (``config.PROFILES``)."""
+        return {**PROFILES[profile], "deal_profile": profile}
+
+    @classmethod
+    def plan_trainable(cls, lora_parameters: int, factor_shapes: list[tuple[tuple, tuple]],
+                       cfg) -> tuple[int, int]:
+        """LoRA on task 1; on later tasks the parameters of the factor map DEAL builds (``new_factor``) for every
+        LoRA factor ``deal_update`` maps, each built once per shape on a small random CPU matrix."""
+        deal = cls(cfg)
+        counts: dict = {}
+        total = 0
+        for a_shape, b_shape in factor_shapes:
+            for which, shape in (("A", a_shape), ("B", b_shape)):
+                if cfg.deal_update not in ("both", which):
+                    continue
+                if (which, shape) not in counts:
+                    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+                    counts[(which, shape)] = sum(p.numel() for p in deal.new_factor(weight, which).parameters())
+                total += counts[(which, shape)]
+        return lora_parameters, total
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -60,7 +92,7 @@ class DEAL(ContinualMethod):
 
     def new_factor(self, weight: torch.Tensor, which: str) -> DEALFactor:
         """The ``DEALFactor`` for one frozen LoRA weight (``which``: ``A`` for lora_A, ``B`` for lora_B) with this
-        config's settings; also used by ``plan.deal_parameters`` to count DEAL's parameters for a dry run."""
+        config's settings; also used by ``plan_trainable`` to count DEAL's parameters for a dry run."""
         cfg = self.cfg
         return DEALFactor(weight, transpose=(which == "A"), num_scales=cfg.deal_scales, hidden=cfg.deal_mlp_hidden,
                           activation=cfg.deal_activation, kernel=cfg.deal_kernel, layers=cfg.deal_layers,
@@ -76,13 +108,14 @@ class DEAL(ContinualMethod):
         return [p for f in self.factors for p in f.residual_parameters()]
 
     def param_groups(self, model: PeftModel) -> list[dict]:
-        """Task 0: LoRA at ``learning_rate``. Later tasks: θ1, θ2 at ``deal_learning_rate``, residuals at
-        ``learning_rate`` (they move factor entries directly, as LoRA's own parameters do)."""
+        """Task 0: LoRA at ``learning_rate`` (``lora``). Later tasks: θ1, θ2 at ``deal_learning_rate`` (``deal``),
+        residuals at ``learning_rate`` (``residual``: they move factor entries directly, as LoRA's own parameters
+        do)."""
         if self.task_index == 0:
             return super().param_groups(model)
-        groups = [{"params": self.deal_parameters(), "lr": self.cfg.deal_learning_rate}]
+        groups = [{"params": self.deal_parameters(), "lr": self.cfg.deal_learning_rate, "name": "deal"}]
         if self.residual_parameters():
-            groups.append({"params": self.residual_parameters(), "lr": self.cfg.learning_rate})
+            groups.append({"params": self.residual_parameters(), "lr": self.cfg.learning_rate, "name": "residual"})
         return groups
 
     def regularisation(self) -> tuple[torch.Tensor, dict[str, float]]:

@@ -79,6 +79,8 @@ class EWC(ContinualMethod):
     """SeqLoRA plus the EWC penalty. Config keys: ``ewc_lambda``, ``ewc_fisher_batches``."""
 
     name = "ewc"
+    label = "EWC"
+    config_prefix = "ewc_"
 
     def __init__(self, cfg):
         super().__init__(cfg)

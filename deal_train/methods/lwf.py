@@ -32,6 +32,8 @@ class LwF(ContinualMethod):
     """SeqLoRA plus distillation from the previous model. Config keys: ``lwf_temperature``, ``lwf_weight``."""
 
     name = "lwf"
+    label = "LwF"
+    config_prefix = "lwf_"
 
     def before_task(self, model: PeftModel, task_index: int, train_rows=None) -> None:
         """From task 1 on: snapshot the adapter into the frozen teacher adapter."""

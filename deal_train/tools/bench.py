@@ -277,7 +277,8 @@ class Bench:
 
     def train_once(self, variant: str, snapshot: bool) -> dict:
         """One training repeat of ``variant`` (``lora`` or ``deal``) on the benchmark rows, as task 2."""
-        from ..train.loop import TaskData, train_task
+        from ..data.prepare import TaskData
+        from ..train.task import train_task
         from ..methods import DEAL, SeqLoRA
 
         self.restore_history(trainable=(variant == "lora"))

@@ -19,8 +19,9 @@ import sys
 from typing import Sequence
 
 from ..cli import build_parser, quiet_libraries, run_cli
-from ..config import METHOD_NAMES, PROFILES, ConfigError, TrainConfig, validate
-from ..outputs import METRICS_FILE, atomic_write_json, atomic_write_text, plot_average_accuracy
+from ..config import ConfigError, TrainConfig, validate
+from ..methods import METHOD_NAMES, method_class
+from ..outputs import RunLayout, atomic_write_json, atomic_write_text, plot_average_accuracy
 
 COMPARISON_MD = "comparison.md"
 COMPARISON_JSON = "comparison.json"
@@ -30,17 +31,20 @@ COMPARISON_PNG = "comparison.png"
 def parse_methods(text: str) -> list[str]:
     """``deal,deal:paper,seq_lora`` -> ``["deal", "deal:paper", "seq_lora"]``.
 
-    An entry is a method name, or ``deal:<profile>`` for DEAL with a ``deal_profile`` preset (``deal:paper``).
+    An entry is a method name, or ``<name>:<profile>`` for a method with presets (its class's ``profiles``:
+    ``deal:paper``).
 
     Raises:
         ConfigError: empty, an unknown method name or profile, or an entry given twice.
     """
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m.partition(":")[0] not in METHOD_NAMES
-               or (":" in m and (m.partition(":")[0] != "deal" or m.partition(":")[2] not in PROFILES))]
+               or (":" in m and m.partition(":")[2] not in method_class(m.partition(":")[0]).profiles)]
+    presets = " or ".join(f"{m}:<profile> with a profile of {', '.join(method_class(m).profiles)}"
+                          for m in METHOD_NAMES if method_class(m).profiles)
     if not names or unknown:
         raise ConfigError(f"--methods {text!r}: give a comma-separated list of {', '.join(METHOD_NAMES)} (or "
-                          f"deal:<profile> with a profile of {', '.join(PROFILES)})"
+                          f"{presets})"
                           + (f" (unknown: {', '.join(unknown)})." if unknown else "."))
     if len(set(names)) != len(names):
         raise ConfigError(f"--methods {text!r} names a method twice.")
@@ -48,10 +52,11 @@ def parse_methods(text: str) -> list[str]:
 
 
 def method_config(base: TrainConfig, method: str) -> TrainConfig:
-    """``base`` with ``method`` set and ``output_dir`` = ``<base.output_dir>/<method>``; for ``deal:<profile>``,
-    method ``deal`` with that profile's preset values and ``output_dir`` ``<base.output_dir>/deal-<profile>``."""
+    """``base`` with ``method`` set and ``output_dir`` = ``<base.output_dir>/<method>``; for ``<name>:<profile>``
+    (``deal:paper``), method ``<name>`` with that profile's preset values (``profile_config``) and ``output_dir``
+    ``<base.output_dir>/<name>-<profile>``."""
     name, _, profile = method.partition(":")
-    preset = {**PROFILES[profile], "deal_profile": profile} if profile else {}
+    preset = method_class(name).profile_config(profile) if profile else {}
     cfg = dataclasses.replace(base, method=name, output_dir=os.path.join(base.output_dir, method.replace(":", "-")),
                               **preset)
     validate(cfg)
@@ -64,7 +69,7 @@ def finished_metrics(cfg: TrainConfig) -> dict | None:
     Raises:
         ConfigError: the directory holds a finished run with different settings (names the keys).
     """
-    path = os.path.join(cfg.output_dir, METRICS_FILE)
+    path = RunLayout(cfg.output_dir).metrics
     if cfg.overwrite_output_dir or not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as fh:

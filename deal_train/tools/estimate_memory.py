@@ -544,8 +544,11 @@ def profile_from_args(args: argparse.Namespace, cfg: TrainConfig) -> HardwarePro
 
 
 def method_name(method: str) -> str:
-    """``deal`` stays ``deal``; every other method trains one LoRA adapter per task: ``lora``."""
-    return "deal" if method == "deal" else "lora"
+    """What the estimate counts for ``method``'s later tasks, ``lora`` or ``deal``: its class's ``memory_kind``
+    (``lora``, the benchmark's plain-LoRA variant, passes through)."""
+    from ..methods import method_class
+
+    return "lora" if method == "lora" else method_class(method).memory_kind
 
 
 def main(argv: Sequence[str] | None = None) -> int:

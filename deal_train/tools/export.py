@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 from ..config import ConfigError
-from ..outputs import atomic_write_dir
+from ..outputs import atomic_write_dir, run_of_adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -40,7 +40,7 @@ def base_model_name(adapter_dir: str, override: str | None = None) -> str:
         name = json.load(fh).get("base_model_name_or_path")
     if name:
         return name
-    metrics = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(adapter_dir))), "metrics.json")
+    metrics = run_of_adapter(adapter_dir).metrics
     if os.path.isfile(metrics):
         with open(metrics, encoding="utf-8") as fh:
             name = json.load(fh).get("config", {}).get("model")

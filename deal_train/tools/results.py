@@ -31,33 +31,31 @@ import sys
 from typing import Sequence
 
 from .compare import format_duration, run_summary
-from ..config import METHOD_KEY_PREFIXES, with_legacy_defaults
-from ..outputs import METRICS_FILE, atomic_write_text, draw_accuracy_matrix, plot_average_accuracy, plot_lines, save_figure
+from ..config import with_legacy_defaults
+from ..methods import METHOD_NAMES, is_foreign_key, method_class, method_with_role, methods_with
+from ..outputs import RunLayout, atomic_write_text, draw_accuracy_matrix, plot_average_accuracy, plot_lines, save_figure
 
-TABLE_METHODS = ["deal", "seq_lora", "o_lora", "per_task", "replay", "ewc", "lwf"]
+PROPOSED = method_with_role("proposed")
+"""The method the page judges (DEAL), from the registry (``results_role``)."""
+PLAIN = method_with_role("plain")
+"""The plain LoRA baseline the data-efficiency curve sets it against (SeqLoRA)."""
+TABLE_METHODS = [PROPOSED] + [m for m in METHOD_NAMES if m != PROPOSED]
 TABLE_ORDERS = [1, 2, 3]
-CURVE_METHODS = ["deal", "seq_lora"]
+CURVE_METHODS = [PROPOSED, PLAIN]
 CURVE_ROWS = [50, 100, 200, 400]
-ORACLES = ("per_task",)
-"""Methods that are not continual learners (DESIGN.md section 4: PerTaskFT evaluates task i with its own adapter i):
-left out of the ranking of the non-oracle methods and shown as an upper reference."""
+ORACLES = tuple(methods_with("oracle"))
+"""Methods that are not continual learners (docs/design.md section 4: PerTaskFT evaluates task i with its own
+adapter i): left out of the ranking of the non-oracle methods and shown as an upper reference."""
 
 LOG_FILE = "reproduce.log"
 LOG_FIELDS = ("start_utc", "seconds", "exit_code", "label", "command")
 """Columns of ``reproduce.log`` (tab-separated, no header)."""
 
-PAPER_TABLE1 = {
-    # DESIGN.md section 5 = paper Table 1: AA (%) with T5-large and LLaMA-3.1-8B, 1,000 training rows per task
-    "seq_lora": ("SeqLoRA", {"T5 TC": 52.4, "T5 standard": 44.6, "T5 long": 42.1,
-                             "LLaMA TC": 54.1, "LLaMA standard": 47.6, "LLaMA long": 45.2}),
-    "o_lora": ("O-LoRA", {"T5 TC": 85.2, "T5 standard": 71.2, "T5 long": 70.8,
-                          "LLaMA TC": 86.4, "LLaMA standard": 75.3, "LLaMA long": 73.2}),
-    "per_task": ("PerTaskFT", {"T5 TC": 90.3, "T5 standard": 70.0, "T5 long": 76.5,
-                               "LLaMA TC": 88.2, "LLaMA standard": 77.5, "LLaMA long": 77.1}),
-    "deal": ("DEAL", {"T5 TC": 87.7, "T5 standard": 78.5, "T5 long": 73.9,
-                      "LLaMA TC": 88.9, "LLaMA standard": 78.9, "LLaMA long": 74.6}),
-}
-"""The paper's Table 1 (AA %, as copied into DESIGN.md section 5): a different backbone, budget and hardware."""
+PAPER_TABLE1 = {m: (method_class(m).label, method_class(m).paper_aa)
+                for m in [*(m for m in METHOD_NAMES if m != PROPOSED), PROPOSED] if method_class(m).paper_aa}
+"""The paper's Table 1 (AA %, docs/design.md section 5; each method declares its row as ``paper_aa``; the
+proposed method last): T5-large and
+LLaMA-3.1-8B, 1,000 training rows per task, a different backbone, budget and hardware."""
 
 BUDGET_KEYS = ("model", "max_train_samples", "max_test_samples", "validation_rows", "eval_split", "eval_zero_shot",
                "lora_rank", "lora_alpha", "target_modules", "learning_rate", "deal_learning_rate", "deal_profile",
@@ -111,7 +109,7 @@ class Run:
 
 def load_run(root: str, group: str, method: str) -> Run:
     """Read ``<root>/<group>/<method>/metrics.json``; never raises on a missing, partial or corrupt file."""
-    path = os.path.join(root, group, method, METRICS_FILE)
+    path = RunLayout(os.path.join(root, group, method)).metrics
     if not os.path.isfile(path):
         return Run(group, method, path, "missing")
     try:
@@ -196,18 +194,18 @@ def verdict(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Se
     ranked = [m for m in methods if m not in ORACLES and complete(m)]
     left_out = [m for m in methods if m not in ORACLES and not complete(m)]
     order_text = ", ".join(map(str, orders))
-    if "deal" not in ranked or len(ranked) < 2:
-        need = [m for m in (["deal"] if "deal" in methods else []) if m not in ranked]
+    if PROPOSED not in ranked or len(ranked) < 2:
+        need = [m for m in ([PROPOSED] if PROPOSED in methods else []) if m not in ranked]
         return [f"**No verdict yet.** It needs DEAL and at least one other non-oracle method finished on every "
                 f"order ({order_text}); " + ("DEAL is not finished on all of them; " if need else "")
                 + f"methods not finished on every order: {', '.join(left_out) or 'none'}."]
     mean_aa = {m: statistics.fmean(table[m][o].summary["average_accuracy"] for o in orders) for m in ranked}
     by_aa = sorted(ranked, key=lambda m: -mean_aa[m])
     best = by_aa[0]
-    deal_aa = mean_aa["deal"]
+    deal_aa = mean_aa[PROPOSED]
     lines = []
-    if best == "deal" or math.isclose(mean_aa[best], deal_aa):
-        ref = next(m for m in by_aa if m != "deal")
+    if best == PROPOSED or math.isclose(mean_aa[best], deal_aa):
+        ref = next(m for m in by_aa if m != PROPOSED)
         gap = deal_aa - mean_aa[ref]
         if math.isclose(gap, 0.0):
             lead = (f"**DEAL ties with `{ref}` for the best mean AA of the non-oracle methods**: {deal_aa:.1f}% over "
@@ -220,40 +218,40 @@ def verdict(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Se
         gap = deal_aa - mean_aa[ref]
         lead = (f"**DEAL is not the best non-oracle method here.** The best mean AA over orders {order_text} is "
                 f"`{best}`'s {mean_aa[best]:.1f}%; DEAL reaches {deal_aa:.1f}% and trails it by {-gap:.1f} points "
-                f"(rank {by_aa.index('deal') + 1} of {len(by_aa)}).")
+                f"(rank {by_aa.index(PROPOSED) + 1} of {len(by_aa)}).")
     lines.append(lead)
     ranking = ", ".join(f"`{m}` {mean_aa[m]:.1f}" for m in by_aa)
     lines.append(f"Ranking by mean AA (%): {ranking}."
                  + (f" Not ranked (not finished on every order): {', '.join(f'`{m}`' for m in left_out)}."
                     if left_out else ""))
-    per_order = [table["deal"][o].summary["average_accuracy"] - table[ref][o].summary["average_accuracy"]
+    per_order = [table[PROPOSED][o].summary["average_accuracy"] - table[ref][o].summary["average_accuracy"]
                  for o in orders]
     ahead = sum(d > 0 for d in per_order)
-    test_rows = table["deal"][orders[0]].metrics["config"].get("max_test_samples") or 0
-    n_tasks = len(table["deal"][orders[0]].metrics["tasks"])
+    test_rows = table[PROPOSED][orders[0]].metrics["config"].get("max_test_samples") or 0
+    n_tasks = len(table[PROPOSED][orders[0]].metrics["tasks"])
     noise = (f" With {test_rows} test rows per task one row {_one_row_moves(test_rows, n_tasks)}; the spread over orders "
              f"is in the table below." if test_rows else "")
     lines.append(f"DEAL minus `{ref}` in AA, per order: "
                  + ", ".join(f"order {o} {d:+.1f}" for o, d in zip(orders, per_order))
                  + f" (DEAL ahead in {ahead} of {len(orders)} orders)." + noise)
     # where it falls short: per task (final accuracy averaged over orders), forgetting vs learning
-    tasks = table["deal"][orders[0]].metrics["tasks"]
+    tasks = table[PROPOSED][orders[0]].metrics["tasks"]
     diffs = {}
     for t in tasks:
-        d = [final_accuracies(table["deal"][o]).get(t) for o in orders]
+        d = [final_accuracies(table[PROPOSED][o]).get(t) for o in orders]
         r = [final_accuracies(table[ref][o]).get(t) for o in orders]
         if None not in d and None not in r:
             diffs[t] = statistics.fmean(d) - statistics.fmean(r)
     worse = sorted((t for t in diffs if diffs[t] < 0), key=lambda t: diffs[t])
     better = sorted((t for t in diffs if diffs[t] > 0), key=lambda t: -diffs[t])
-    bwt = {m: statistics.fmean(table[m][o].summary["backward_transfer"] or 0.0 for o in orders) for m in ("deal", ref)}
-    learned = {m: statistics.fmean(learned_accuracy(table[m][o]) for o in orders) for m in ("deal", ref)}
+    bwt = {m: statistics.fmean(table[m][o].summary["backward_transfer"] or 0.0 for o in orders) for m in (PROPOSED, ref)}
+    learned = {m: statistics.fmean(learned_accuracy(table[m][o]) for o in orders) for m in (PROPOSED, ref)}
     lines.append(
         f"Against `{ref}`, final accuracy per task (mean over orders): DEAL is lower on "
         + (", ".join(f"{t} ({diffs[t]:+.1f})" for t in worse) or "no task")
         + " and higher on " + (", ".join(f"{t} ({diffs[t]:+.1f})" for t in better) or "no task")
-        + f". Forgetting: mean BWT {bwt['deal']:+.1f} (DEAL) vs {bwt[ref]:+.1f}; learning: mean accuracy of each task "
-        f"just after training it {learned['deal']:.1f} (DEAL) vs {learned[ref]:.1f}.")
+        + f". Forgetting: mean BWT {bwt[PROPOSED]:+.1f} (DEAL) vs {bwt[ref]:+.1f}; learning: mean accuracy of each task "
+        f"just after training it {learned[PROPOSED]:.1f} (DEAL) vs {learned[ref]:.1f}.")
     oracles = [m for m in methods if m in ORACLES and complete(m)]
     for m in oracles:
         o_aa = statistics.fmean(table[m][o].summary["average_accuracy"] for o in orders)
@@ -321,7 +319,7 @@ def budget_text(runs: Sequence[Run], varied: Sequence[str] = ()) -> list[str]:
         return ["No run has written its settings yet."]
     ignore = {"method", "order", "tasks", "output_dir", "overwrite_output_dir", "resume_from", *varied}
     keys = sorted({k for c in cfgs for k in c} - ignore)
-    differ = [k for k in keys if not k.startswith(tuple(METHOD_KEY_PREFIXES.values()))
+    differ = [k for k in keys if not is_foreign_key(k, None)
               and len({json.dumps(c.get(k), sort_keys=True) for c in cfgs}) > 1]
     shown = ", ".join(f"`{k}: {'(varied)' if k in varied else json.dumps(cfgs[0].get(k))}`"
                       for k in BUDGET_KEYS if k in cfgs[0])
@@ -407,14 +405,14 @@ def curve_section(curve: dict[str, dict[int, Run]], methods: Sequence[str], rows
                   doc_dir: str) -> list[str]:
     """The data-efficiency section: AA per training-set size and method, the plot, DEAL minus SeqLoRA."""
     lines = ["| Training rows per task | " + " | ".join(f"{m} AA (%)" for m in methods)
-             + (" | DEAL − SeqLoRA |" if {"deal", "seq_lora"} <= set(methods) else " |"),
-             "|---:|" + "---:|" * len(methods) + ("---:|" if {"deal", "seq_lora"} <= set(methods) else "")]
+             + (" | DEAL − SeqLoRA |" if {PROPOSED, PLAIN} <= set(methods) else " |"),
+             "|---:|" + "---:|" * len(methods) + ("---:|" if {PROPOSED, PLAIN} <= set(methods) else "")]
     for n in rows:
         cells = [(_pct(curve[m][n].summary["average_accuracy"]) if curve[m][n].finished else curve[m][n].status_text())
                  for m in methods]
         line = f"| {n} | " + " | ".join(cells) + " |"
-        if {"deal", "seq_lora"} <= set(methods):
-            d, s = curve["deal"][n], curve["seq_lora"][n]
+        if {PROPOSED, PLAIN} <= set(methods):
+            d, s = curve[PROPOSED][n], curve[PLAIN][n]
             line += (f" {d.summary['average_accuracy'] - s.summary['average_accuracy']:+.1f} |"
                      if d.finished and s.finished else " – |")
         lines.append(line)

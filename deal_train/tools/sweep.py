@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from ..cli import build_parser, quiet_libraries, run_cli
 from .compare import format_duration, format_pct, run_or_read, run_summary
 from ..config import PROFILES, ConfigError, TrainConfig, coerce_value, config_fields, validate
+from ..methods import check_method_name
 from ..outputs import atomic_write_json, atomic_write_text
 
 SWEEP_MD = "sweep.md"
@@ -109,6 +110,7 @@ def point_configs(base: TrainConfig, grid: Grid) -> list[tuple[str, dict[str, An
         cfg = dataclasses.replace(base, output_dir=os.path.join(base.output_dir, name), **{**preset, **settings})
         try:
             validate(cfg)
+            check_method_name(cfg.method)
         except ConfigError as err:
             raise ConfigError(f"Grid point {name}: {err}") from None
         out.append((name, settings, cfg))

@@ -261,3 +261,44 @@ def check_saved_adapter(path: str) -> None:
         empty = [k for k in fh.keys() if 0 in fh.get_slice(k).get_shape()]
     if empty:
         raise RuntimeError(f"Adapter saved in {path} has empty tensors (not gathered from ZeRO-3 shards): {empty[:3]}")
+
+
+class Zero3:
+    """What the loop does differently under DeepSpeed ZeRO-3, in one place; every method is correct (and mostly a
+    no-op) without ZeRO-3, so the loop calls them unconditionally.
+
+    Args:
+        accelerator: the run's ``Accelerator``; ``active`` is True under ZeRO-3 (``keeps_engine``).
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.active = keeps_engine(accelerator)
+
+    def place(self, model: torch.nn.Module) -> None:
+        """Move the wrapped model to the device, except under ZeRO-3, which moves only each rank's shard itself."""
+        if not self.active:
+            model.to(self.accelerator.device)
+
+    @staticmethod
+    def gather(model: torch.nn.Module) -> None:
+        """Make every adapter tensor whole on this rank (collective under ZeRO-3): before the methods read adapter
+        tensors between forward passes, and before a save."""
+        gather_adapters(model)
+
+    def prepare(self, cfg: TrainConfig, model, optimizer, loader) -> tuple:
+        """``accelerator.prepare`` of one task's model, optimizer and loader: frees the previous task's engine,
+        fills the run-dependent DeepSpeed values first (``configure_deepspeed``) and, under ZeRO-3, checks that
+        every adapter tensor stayed persistent (``check_persistent``, RuntimeError otherwise)."""
+        self.accelerator.free_memory()  # also destroys the previous task's DeepSpeed engine
+        configure_deepspeed(self.accelerator, cfg, model)
+        model, optimizer, loader = self.accelerator.prepare(model, optimizer, loader)
+        if self.active:
+            check_persistent(self.accelerator.unwrap_model(model))
+        return model, optimizer, loader
+
+    def release(self) -> None:
+        """Free the task's engine after training, except under ZeRO-3, whose hooks run the evaluation's forward
+        passes (the engine is destroyed when the next task prepares its own)."""
+        if not self.active:
+            self.accelerator.free_memory()
