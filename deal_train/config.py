@@ -141,7 +141,7 @@ class TrainConfig:
     eval_split: str = _f("test", "Split that fills the accuracy matrix: test (final numbers) or validation (for "
                                  "searches and sweeps; needs validation_rows > 0).", ("test", "validation"))
 
-    # --- DEAL (DESIGN.md section 3) -----------------------------------------------------------
+    # --- DEAL (docs/design.md section 3) -----------------------------------------------------------
     deal_profile: str = _f("tuned", "DEAL settings preset: tuned (our defaults, found by the search in "
                                     "docs/deal_defaults.md) or paper (the paper's literal method: no drift penalty, no "
                                     "residual update, raw regularisers). A preset fills the DEAL keys you do not set "
@@ -172,13 +172,13 @@ class TrainConfig:
     deal_reg_form: str = _f("norm", "Regulariser form: ||x||_p (norm) or ||x||_p^p (power, the paper's).",
                             ("norm", "power"))
     deal_lambda_drift: float = _f(0.003, "Drift penalty sum ||O - Y||_F^2 / ||Y||_F^2 over factors (ours, not the "
-                                       "paper's; see DESIGN.md section 7).")
+                                       "paper's; see docs/design.md section 7).")
     deal_residual_update: bool = _f(True, "Add a trainable residual R (n x r, zero at the start of each task, trained "
                                            "at learning_rate) to every filtered factor: O = MLP(filter(Y)) + R. Gives "
                                            "DEAL LoRA's plasticity; the drift penalty keeps it near the history "
                                            "(ours, not the paper's; off in the paper profile).")
 
-    # --- baselines (DESIGN.md section 4) ------------------------------------------------------
+    # --- baselines (docs/design.md section 4) ------------------------------------------------------
     o_lora_lambda_orth: float = _f(0.5, "O-LoRA lambda_orth: weight of sum_i sum_layers sum |A_i A_t^T| (elementwise "
                                         "absolute values) between each earlier adapter's A_i and the new one's A_t.")
     o_lora_lambda_l2: float = _f(0.0, "O-LoRA lambda_l2: weight of the sum of the Frobenius norms of the new "

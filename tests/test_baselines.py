@@ -1,4 +1,4 @@
-"""The baselines of DESIGN.md section 4 (o_lora, per_task, replay, ewc, lwf) on a tiny random LLaMA with real rows:
+"""The baselines of docs/design.md section 4 (o_lora, per_task, replay, ewc, lwf) on a tiny random LLaMA with real rows:
 two-task runs end to end with stock-PEFT-loadable adapters, O-LoRA's concatenated adapter and penalty, PerTaskFT's
 adapter switch, the rows Replay trains on, EWC's penalty and state, LwF's teacher, and exact resume."""
 

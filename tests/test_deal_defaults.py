@@ -1,4 +1,4 @@
-"""Issue 10: the validation split, the adapter-movement measurement, DEAL's residual update and the profiles."""
+"""The validation split, the adapter-movement measurement, DEAL's residual update and the profiles."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 9: ``python -m deal_train.results`` (the results page) on real tiny runs, and
+"""``python -m deal_train.results`` (the results page) on real tiny runs, and
 ``scripts/reproduce_results.sh`` (syntax, dry listing, knobs)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """DEAL: continual LoRA where a spectral filter keeps the old adapter and a small MLP adds the new
-(NeurIPS 2025; DESIGN.md section 3). The maths lives in ``deal_train.deal``; this module applies it to
+(NeurIPS 2025; docs/design.md section 3). The maths lives in ``deal_train.deal``; this module applies it to
 every LoRA layer of a PEFT model at the right points of the continual loop.
 
 Task 0 trains a plain LoRA adapter. Before every later task the adapter is frozen as the history, a

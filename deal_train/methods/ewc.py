@@ -1,4 +1,4 @@
-"""EWC: elastic weight consolidation (Kirkpatrick et al., PNAS 2017) on the LoRA parameters; DESIGN.md
+"""EWC: elastic weight consolidation (Kirkpatrick et al., PNAS 2017) on the LoRA parameters; docs/design.md
 section 4 and the paper's Table 8 baseline. One LoRA adapter is trained on every task (as SeqLoRA) with
 
     loss = CE(answer tokens) + ewc_lambda * sum_j F_j (theta_j - theta*_j)^2

@@ -1,4 +1,4 @@
-"""LwF: learning without forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2017); DESIGN.md section 4 and the paper's
+"""LwF: learning without forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2017); docs/design.md section 4 and the paper's
 Table 8 baseline. One LoRA adapter is trained on every task (as SeqLoRA); from the second task on, the loss adds
 a distillation term from the model as it was before the task, on the new task's inputs:
 

@@ -1,5 +1,5 @@
 """O-LoRA: orthogonal subspace learning for continual learning (Wang et al., EMNLP Findings 2023;
-DESIGN.md section 4; reference code github.com/cmnfriend/O-LoRA, ``uie_trainer_lora.py``).
+docs/design.md section 4; reference code github.com/cmnfriend/O-LoRA, ``uie_trainer_lora.py``).
 
 Task t (0-based) trains a new rank-r PEFT LoRA adapter ``task_<t>`` while the adapters of tasks 0..t-1 stay
 active in the forward pass and frozen. The loss adds

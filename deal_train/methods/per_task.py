@@ -1,4 +1,4 @@
-"""PerTaskFT, the oracle baseline (DESIGN.md section 4): a fresh LoRA adapter per task, and task i is
+"""PerTaskFT, the oracle baseline (docs/design.md section 4): a fresh LoRA adapter per task, and task i is
 evaluated with adapter i. It is told the task identity at test time, so it cannot forget; it bounds what a
 continual method can reach with the same adapter size.
 

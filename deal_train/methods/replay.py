@@ -1,4 +1,4 @@
-"""Replay (experience replay; DESIGN.md section 4, paper Table 8): a small buffer of each earlier task's
+"""Replay (experience replay; docs/design.md section 4, paper Table 8): a small buffer of each earlier task's
 training rows is mixed into every later task's training data; otherwise SeqLoRA (one adapter).
 
 The buffer of task i is ``replay_samples_per_task`` of its training rows (all when it has fewer), chosen with

@@ -33,6 +33,7 @@ import os
 import torch
 
 from ..config import ConfigError, TrainConfig
+from ..outputs import atomic_write_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """``model_dtype`` config values -> torch dtypes."""
@@ -98,7 +99,7 @@ def _pretrained_dir(name: str, tokenizer) -> str:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
-        loading._atomic_save_dir(target, save)
+        atomic_write_dir(target, save, keep_existing=True)
     return target
 
 

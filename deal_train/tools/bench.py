@@ -55,6 +55,7 @@ from ..config import ConfigError, TrainConfig
 from ..data import IGNORE_INDEX, encoder_for, load_task, read_rows, sample_rows
 from ..model.loading import is_encoder_decoder
 from ..outputs import atomic_write_json
+from ..train.evaluation import spread as evaluation_spread
 from ..train.profiling import MemoryProfiler, fix_malloc_mmap_threshold
 
 BENCH_JSON = "bench.json"
@@ -196,8 +197,9 @@ def _sync(device) -> None:
 # --- statistics ----------------------------------------------------------------------------------------------
 
 def spread(values: Sequence[float]) -> dict[str, float]:
-    """``median``, ``min``, ``max`` and ``n`` of ``values`` (non-empty)."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    """``median``, ``min``, ``max`` and ``n`` of ``values`` (non-empty): ``evaluation.spread``'s robust part."""
+    s = evaluation_spread(values)
+    return {k: s[k] for k in ("median", "min", "max", "n")}
 
 
 def paired_ratios(num: Sequence[float], den: Sequence[float]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Sequence
 from ..cli import build_parser, quiet_libraries, run_cli
 from ..config import ConfigError, TrainConfig, validate
 from ..methods import METHOD_NAMES, method_class
-from ..outputs import RunLayout, atomic_write_json, atomic_write_text, plot_average_accuracy
+from ..outputs import RunLayout, atomic_write_json, format_pct, atomic_write_text, plot_average_accuracy
 
 COMPARISON_MD = "comparison.md"
 COMPARISON_JSON = "comparison.json"
@@ -154,12 +154,6 @@ def format_duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-def format_pct(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
 def comparison_markdown(base: TrainConfig, tasks: list[str], rows: list[dict], peak_reset: bool) -> str:

@@ -1,4 +1,4 @@
-"""The project's results page (issue 9): every method on the standard benchmark, and DEAL's data efficiency.
+"""The project's results page: every method on the standard benchmark, and DEAL's data efficiency.
 
 ``python -m deal_train.results --runs outputs/results --output docs/results.md`` reads the runs'
 ``metrics.json`` files and writes ``docs/results.md`` and its PNG figures under ``docs/results/`` (the output's
@@ -33,7 +33,9 @@ from typing import Sequence
 from .compare import format_duration, run_summary
 from ..config import with_legacy_defaults
 from ..methods import METHOD_NAMES, is_foreign_key, method_class, method_with_role, methods_with
-from ..outputs import RunLayout, atomic_write_text, draw_accuracy_matrix, plot_average_accuracy, plot_lines, save_figure
+from ..train.evaluation import spread
+from ..outputs import (RunLayout, atomic_write_text, draw_accuracy_matrix, format_pct, plot_average_accuracy, plot_lines,
+                       save_figure)
 
 PROPOSED = method_with_role("proposed")
 """The method the page judges (DEAL), from the registry (``results_role``)."""
@@ -122,16 +124,6 @@ def load_run(root: str, group: str, method: str) -> Run:
         return Run(group, method, path, "unreadable", note=f"{type(err).__name__}: {str(err)[:80]}")
 
 
-def spread(values: Sequence[float]) -> dict:
-    """``mean``, ``std`` (sample standard deviation, n - 1; None for fewer than two values), ``min``, ``max``
-    and ``n`` of ``values``; all None but ``n`` when empty."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values), "n": len(values)}
-
-
 def format_spread(s: dict, digits: int = 1, signed: bool = False) -> str:
     """``54.2 ± 8.8 [41.7–66.7]`` (mean ± std [min–max]); one value alone; ``not run yet`` for none."""
     if not s["n"]:
@@ -140,10 +132,6 @@ def format_spread(s: dict, digits: int = 1, signed: bool = False) -> str:
     if s["n"] == 1:
         return f(s["mean"])
     return f"{f(s['mean'])} ± {s['std']:.{digits}f} [{f(s['min'])}–{f(s['max'])}]"
-
-
-def _pct(v: float | None, signed: bool = False) -> str:
-    return "n/a" if v is None else (f"{v:+.1f}" if signed else f"{v:.1f}")
 
 
 def _rel(path: str, start: str) -> str:
@@ -357,8 +345,8 @@ def table_section(table: dict[str, dict[int, Run]], methods: Sequence[str], orde
             task_text = " → ".join(tasks) if tasks else "–"
             if r.finished:
                 s = r.summary
-                lines.append(f"| {o} | {task_text} | {m} | finished | {_pct(s['average_accuracy'])} | "
-                             f"{_pct(s['backward_transfer'], True)} | {_pct(s['average_rouge1'])} | "
+                lines.append(f"| {o} | {task_text} | {m} | finished | {format_pct(s['average_accuracy'])} | "
+                             f"{format_pct(s['backward_transfer'], True)} | {format_pct(s['average_rouge1'])} | "
                              f"{format_duration(s['wall_seconds'])} | {s['peak_rss_bytes'] / 2**30:.2f} | "
                              + " / ".join(f"{v:.1f}" for v in s["average_accuracy_after_task"]) + " |")
             else:
@@ -408,8 +396,8 @@ def curve_section(curve: dict[str, dict[int, Run]], methods: Sequence[str], rows
              + (" | DEAL − SeqLoRA |" if {PROPOSED, PLAIN} <= set(methods) else " |"),
              "|---:|" + "---:|" * len(methods) + ("---:|" if {PROPOSED, PLAIN} <= set(methods) else "")]
     for n in rows:
-        cells = [(_pct(curve[m][n].summary["average_accuracy"]) if curve[m][n].finished else curve[m][n].status_text())
-                 for m in methods]
+        cells = [(format_pct(curve[m][n].summary["average_accuracy"]) if curve[m][n].finished
+                  else curve[m][n].status_text()) for m in methods]
         line = f"| {n} | " + " | ".join(cells) + " |"
         if {PROPOSED, PLAIN} <= set(methods):
             d, s = curve[PROPOSED][n], curve[PLAIN][n]
@@ -452,7 +440,7 @@ def paper_section(table: dict[str, dict[int, Run]], curve: dict[str, dict[int, R
         if 0 < ours["n"] < len(orders):
             ours_text += f" ({ours['n']} of {len(orders)} orders)"
         tc = curve.get(key, {}).get(largest) if largest is not None else None
-        tc_text = "–" if tc is None else (_pct(tc.summary["average_accuracy"]) if tc.finished else NOT_RUN)
+        tc_text = "–" if tc is None else (format_pct(tc.summary["average_accuracy"]) if tc.finished else NOT_RUN)
         lines.append(f"| {name} | " + " | ".join(f"{vals[c]:.1f}" for c in cols) + f" | {ours_text} | {tc_text} |")
     return lines
 

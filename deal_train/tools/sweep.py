@@ -21,10 +21,10 @@ import sys
 from typing import Any, Sequence
 
 from ..cli import build_parser, quiet_libraries, run_cli
-from .compare import format_duration, format_pct, run_or_read, run_summary
+from .compare import format_duration, run_or_read, run_summary
 from ..config import PROFILES, ConfigError, TrainConfig, coerce_value, config_fields, validate
 from ..methods import check_method_name
-from ..outputs import atomic_write_json, atomic_write_text
+from ..outputs import atomic_write_json, atomic_write_text, format_pct
 
 SWEEP_MD = "sweep.md"
 SWEEP_JSON = "sweep.json"

@@ -6,7 +6,7 @@ written in ``deal_train/architectures.py``, so the paper profiles (``configs/pap
 any other model's config is read as usual (``models.model_config``).
 
 Printed and returned: the tasks with their training / test rows and optimizer steps, the trainable parameters of
-every method on the first and on later tasks, and a memory estimate (``simple_memory_estimate``: weights,
+every method on the first and on later tasks, and a memory estimate (``memory.lower_bound``: weights,
 gradients and Adam states only).
 """
 
@@ -19,9 +19,9 @@ from transformers import PretrainedConfig
 
 from ..model.architectures import ARCHITECTURES, HUB_IDS, architecture_config
 from ..config import ConfigError, TrainConfig
+from .memory import lower_bound
 from ..model.loading import check_target_modules, default_target_modules, is_encoder_decoder, meta_model, model_config
 
-GIB = 1024 ** 3
 _ADAPTER_CACHE: dict = {}
 
 
@@ -75,22 +75,6 @@ def trainable_per_method(lora: int, factors: list[tuple[tuple, tuple]], cfg: Tra
     return {m: method_class(m).plan_trainable(lora, factors, cfg) for m in METHOD_NAMES}
 
 
-def simple_memory_estimate(base_parameters: int, trainable_parameters: int, weight_bytes: int = 4) -> dict:
-    """A lower bound on training memory: the base weights plus, per trainable parameter, an fp32 weight, an fp32
-    gradient and AdamW's two fp32 moments (16 bytes). Activations, the CUDA context and allocator slack are NOT
-    included. (A simple stand-in; ``deal_train.estimate_memory`` is meant to replace it.)
-
-    Args:
-        weight_bytes: bytes per base weight (4: the loop loads float32 and mixed precision only autocasts).
-    Returns:
-        ``weights_bytes``, ``trainable_bytes``, ``total_bytes`` (bytes) and ``total_gib``.
-    """
-    weights = base_parameters * weight_bytes
-    trainable = trainable_parameters * 16
-    return {"weights_bytes": weights, "trainable_bytes": trainable, "total_bytes": weights + trainable,
-            "total_gib": (weights + trainable) / GIB}
-
-
 def data_plan(cfg: TrainConfig) -> tuple[list[str], list[int], list[int], str]:
     """(task names, training rows, test rows, note) per task. The rows are counted by reading the data
     (CL_Benchmark folder or files) as a run would; a Hub source is not downloaded, and data that cannot be read
@@ -135,7 +119,7 @@ def dry_run(cfg: TrainConfig) -> dict:
         ``model``, ``architecture``, ``encoder_decoder``, ``target_modules``, ``tasks`` (list of dicts: ``task``,
         ``train_rows``, ``test_rows``, ``optimizer_steps``), ``data_note``, ``base_parameters``,
         ``lora_layers``, ``trainable_parameters`` (method -> [task 1, later tasks]) and ``memory_estimate``
-        (method -> ``simple_memory_estimate`` at its larger trainable count).
+        (method -> ``memory.lower_bound`` at its larger trainable count).
     Raises:
         ConfigError: the model's config cannot be built, or a target module matches nothing.
     """
@@ -144,7 +128,7 @@ def dry_run(cfg: TrainConfig) -> dict:
         cfg = dataclasses.replace(cfg, target_modules=default_target_modules(config))
     shapes = adapter_shapes(label, config, cfg)
     per_method = trainable_per_method(shapes["lora_parameters"], shapes["factors"], cfg)
-    memory = {m: simple_memory_estimate(shapes["base_parameters"], max(v)) for m, v in per_method.items()}
+    memory = {m: lower_bound(shapes["base_parameters"], max(v)) for m, v in per_method.items()}
     names, train_rows, test_rows, note = data_plan(cfg)
     steps = optimizer_steps(train_rows, cfg, cfg.method)
     plan = {
