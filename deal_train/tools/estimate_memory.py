@@ -17,7 +17,7 @@ from ..cli import build_parser, quiet_libraries, run_cli
 from ..config import ConfigError, TrainConfig, config_fields
 from ..outputs import atomic_write_json
 from ..train.memory import (ALLOCATOR_MARGIN, GIB, PROFILES, HardwareProfile, MemoryEstimate,  # noqa: F401
-                            estimate, model_shapes)
+                            estimate, memory_kind, model_shapes)
 
 
 # --- measuring the same configuration ------------------------------------------------------------------------------
@@ -194,11 +194,8 @@ def profile_from_args(args: argparse.Namespace, cfg: TrainConfig) -> HardwarePro
 
 
 def method_name(method: str) -> str:
-    """What the estimate counts for ``method``'s later tasks, ``lora`` or ``deal``: its class's ``memory_kind``
-    (``lora``, the benchmark's plain-LoRA variant, passes through)."""
-    from ..methods import method_class
-
-    return "lora" if method == "lora" else method_class(method).memory_kind
+    """``train.memory.memory_kind``: ``lora`` or ``deal``, the benchmark variant that trains like ``method``."""
+    return memory_kind(method)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -253,6 +253,18 @@ def _t5_activations(c, b: int, src: int, tgt: int, r: int, a: int, checkpointing
     return saved, logits, max(enc_layer, dec_layer)
 
 
+def memory_kind(method: str) -> str:
+    """What the estimate counts for ``method``'s later tasks, ``lora`` (one rank-r adapter) or ``deal``: its
+    class's ``memory_kind``; ``lora`` itself (the benchmark's plain-LoRA variant) passes through.
+
+    Raises:
+        ConfigError: an unknown method name.
+    """
+    from ..methods import method_class
+
+    return "lora" if method == "lora" else method_class(method).memory_kind
+
+
 def estimate(model: str, method: str, cfg: TrainConfig, profile: HardwareProfile, seq_len: int | None = None,
              shapes: ModelShapes | None = None, answer_window: int | None = None) -> MemoryEstimate:
     """Peak training memory per device of ``method`` (``lora``/``seq_lora``/any baseline training one adapter, or
@@ -288,7 +300,7 @@ def estimate(model: str, method: str, cfg: TrainConfig, profile: HardwareProfile
     lora_adapter = lora_params * param_bytes  # trained by LoRA, the frozen history under DEAL
 
     # trainable tensors: LoRA's A and B, or DEAL's filter, MLP and residual per factor
-    deal = method == "deal"
+    deal = memory_kind(method) == "deal"
     tensors: list[int] = []
     deal_parameters = 0
     if deal:
