@@ -33,6 +33,15 @@ from ..data import Task
 from ..model.loading import peft_task_type
 
 
+PAPER_COLUMNS = ("T5 TC", "T5 standard", "T5 long", "LLaMA TC", "LLaMA standard", "LLaMA long")
+"""The columns of the paper's Table 1 (backbone and benchmark; docs/design.md section 5)."""
+
+
+def paper_row(*aa: float) -> dict[str, float]:
+    """One method's row of the paper's Table 1, AA in % in ``PAPER_COLUMNS`` order."""
+    return dict(zip(PAPER_COLUMNS, aa, strict=True))
+
+
 class ContinualMethod:
     """Base class: one LoRA adapter named ``default`` trained on every task (that is SeqLoRA).
 

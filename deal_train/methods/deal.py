@@ -18,7 +18,7 @@ from ..config import PROFILES
 from ..deal import DEALFactor, attach, regulariser
 from ..model.sharding import live, live_named, writing
 from .adapters import lora_layers
-from .base import ContinualMethod
+from .base import ContinualMethod, paper_row
 
 
 class DEAL(ContinualMethod):
@@ -39,8 +39,7 @@ class DEAL(ContinualMethod):
     config_keys = ("allow_unordered_norms",)
     profiles = tuple(PROFILES)
     results_role = "proposed"
-    paper_aa = {"T5 TC": 87.7, "T5 standard": 78.5, "T5 long": 73.9,
-                "LLaMA TC": 88.9, "LLaMA standard": 78.9, "LLaMA long": 74.6}
+    paper_aa = paper_row(87.7, 78.5, 73.9, 88.9, 78.9, 74.6)
     memory_kind = "deal"
 
     @classmethod

@@ -25,7 +25,7 @@ from peft import PeftModel
 from ..model.sharding import live
 from .adapters import (activate, adapter_parameters, kept_adapter_state, load_named_adapter, lora_layers,
                        save_named_adapter, task_adapter)
-from .base import ContinualMethod
+from .base import ContinualMethod, paper_row
 
 CAT_ADAPTER = "o_lora_cat"
 """Name of the temporary concatenated adapter built for saving (and while resuming)."""
@@ -37,8 +37,7 @@ class OLoRA(ContinualMethod):
     name = "o_lora"
     label = "O-LoRA"
     config_prefix = "o_lora_"
-    paper_aa = {"T5 TC": 85.2, "T5 standard": 71.2, "T5 long": 70.8,
-                "LLaMA TC": 86.4, "LLaMA standard": 75.3, "LLaMA long": 73.2}
+    paper_aa = paper_row(85.2, 71.2, 70.8, 86.4, 75.3, 73.2)
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 
 from .adapters import activate, kept_adapter_state, load_named_adapter, save_named_adapter, task_adapter
-from .base import ContinualMethod
+from .base import ContinualMethod, paper_row
 
 
 class PerTaskFT(ContinualMethod):
@@ -25,8 +25,7 @@ class PerTaskFT(ContinualMethod):
     name = "per_task"
     label = "PerTaskFT"
     oracle = True
-    paper_aa = {"T5 TC": 90.3, "T5 standard": 70.0, "T5 long": 76.5,
-                "LLaMA TC": 88.2, "LLaMA standard": 77.5, "LLaMA long": 77.1}
+    paper_aa = paper_row(90.3, 70.0, 76.5, 88.2, 77.5, 77.1)
 
     def wrap(self, base_model: torch.nn.Module) -> PeftModel:
         return self.new_peft_model(base_model, adapter_name=task_adapter(0))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ContinualMethod
+from .base import ContinualMethod, paper_row
 
 
 class SeqLoRA(ContinualMethod):
@@ -11,5 +11,4 @@ class SeqLoRA(ContinualMethod):
     name = "seq_lora"
     label = "SeqLoRA"
     results_role = "plain"
-    paper_aa = {"T5 TC": 52.4, "T5 standard": 44.6, "T5 long": 42.1,
-                "LLaMA TC": 54.1, "LLaMA standard": 47.6, "LLaMA long": 45.2}
+    paper_aa = paper_row(52.4, 44.6, 42.1, 54.1, 47.6, 45.2)

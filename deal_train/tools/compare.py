@@ -215,15 +215,21 @@ def compare(base: TrainConfig, methods: Sequence[str]) -> dict:
     tasks = all_metrics[0]["tasks"]
     shared = {k: v for k, v in base.to_dict().items() if k not in ("method", "output_dir", "overwrite_output_dir")}
     result = {"tasks": tasks, "config": shared, "methods": rows}
-    root = base.output_dir
-    atomic_write_json(os.path.join(root, COMPARISON_JSON), result)
-    plot_average_accuracy(os.path.join(root, COMPARISON_PNG), tasks,
+    plot_average_accuracy(os.path.join(base.output_dir, COMPARISON_PNG), tasks,
                           {r["method"]: r["average_accuracy_after_task"] for r in rows},
                           f"{base.model}: average accuracy of the tasks seen")
-    markdown = comparison_markdown(base, tasks, rows, peak_reset)
-    atomic_write_text(os.path.join(root, COMPARISON_MD), markdown)
-    print("\n" + markdown + f"\nWritten to {root}/{COMPARISON_MD}, {COMPARISON_JSON}, {COMPARISON_PNG}")
+    write_report(base.output_dir, result, COMPARISON_JSON, comparison_markdown(base, tasks, rows, peak_reset),
+                 COMPARISON_MD, also=(COMPARISON_PNG,))
     return result
+
+
+def write_report(root: str, result: dict, json_name: str, markdown: str, md_name: str,
+                 also: Sequence[str] = ()) -> None:
+    """Write a tool's ``result`` (JSON) and ``markdown`` into folder ``root`` atomically, print the Markdown and
+    the files written (``also``: files the caller wrote itself)."""
+    atomic_write_json(os.path.join(root, json_name), result)
+    atomic_write_text(os.path.join(root, md_name), markdown)
+    print("\n" + markdown + f"\nWritten to {root}/{md_name}, " + ", ".join([json_name, *also]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,10 +21,10 @@ import sys
 from typing import Any, Sequence
 
 from ..cli import build_parser, quiet_libraries, run_cli
-from .compare import format_duration, run_or_read, run_summary
+from .compare import format_duration, run_or_read, run_summary, write_report
 from ..config import PROFILES, ConfigError, TrainConfig, coerce_value, config_fields, validate
 from ..methods import check_method_name
-from ..outputs import atomic_write_json, atomic_write_text, format_pct
+from ..outputs import format_pct
 
 SWEEP_MD = "sweep.md"
 SWEEP_JSON = "sweep.json"
@@ -173,11 +173,7 @@ def sweep(base: TrainConfig, grid: Grid) -> dict:
     swept = {k for k, _ in grid}
     shared = {k: v for k, v in base.to_dict().items() if k not in swept | {"output_dir", "overwrite_output_dir"}}
     result = {"tasks": tasks, "config": shared, "grid": {k: v for k, v in grid}, "points": rows}
-    root = base.output_dir
-    atomic_write_json(os.path.join(root, SWEEP_JSON), result)
-    markdown = sweep_markdown(base, grid, tasks, rows, peak_reset)
-    atomic_write_text(os.path.join(root, SWEEP_MD), markdown)
-    print("\n" + markdown + f"\nWritten to {root}/{SWEEP_MD}, {SWEEP_JSON}")
+    write_report(base.output_dir, result, SWEEP_JSON, sweep_markdown(base, grid, tasks, rows, peak_reset), SWEEP_MD)
     return result
 
 
