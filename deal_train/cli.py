@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 
 from .config import apply_profile, ConfigError, TrainConfig, coerce_value, config_fields, read_yaml, validate
+from .methods import METHOD_NAMES, check_method_name
 
 
 def _fmt_default(value: Any) -> str:
@@ -35,8 +36,9 @@ def build_parser(prog: str = "deal_train", description: str | None = None) -> ar
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks for errors.")
     for name, typ, default, meta in config_fields():
         help_text = meta["help"]
-        if "choices" in meta:
-            help_text += f" Choices: {', '.join(map(str, meta['choices']))}."
+        choices = METHOD_NAMES if name == "method" else meta.get("choices")
+        if choices is not None:
+            help_text += f" Choices: {', '.join(map(str, choices))}."
         help_text += f" Default: {_fmt_default(default)}."
         metavar = "BOOL" if typ is bool else ("A,B,..." if typ == list[str] else typ.__name__.upper())
         parser.add_argument(f"--{name}", dest=name, default=None, metavar=metavar, help=help_text)
@@ -81,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             values[key] = coerce_value(key, typ, raw, "command line")
     cfg = TrainConfig(**apply_profile(values))
     validate(cfg)
+    check_method_name(cfg.method)
     return cfg
 
 
@@ -100,8 +103,8 @@ def run_cli(main: Callable[[TrainConfig], Any], argv: Sequence[str] | None = Non
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        from .checkpointing import TrainingStopped
-        from .loop import TrainingError
+        from .train.checkpointing import TrainingStopped
+        from .train.task import TrainingError
 
         if isinstance(err, TrainingStopped) and not args.debug:
             print(f"\nstopped: {err}", file=sys.stderr)
@@ -127,7 +130,7 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from .precision import quiet_bitsandbytes
+    from .model.precision import quiet_bitsandbytes
 
     quiet_bitsandbytes()
     logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuFallback())
@@ -141,12 +144,22 @@ class _DeepSpeedCpuFallback(logging.Filter):
         return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
+def run(cfg: TrainConfig) -> dict:
+    """Train ``cfg`` (``train.loop.run``) and return its metrics, or with ``dry_run`` print and return its plan
+    (``train.plan``)."""
+    if cfg.dry_run:
+        from .train.plan import dry_run
+
+        return dry_run(cfg)
+    from .train.loop import run as train_run
+
+    return train_run(cfg)
+
+
 def train(cfg: TrainConfig) -> None:
-    """Run ``cfg`` with the training loop, imported only now (torch, transformers, PEFT take seconds to import),
+    """``run(cfg)`` with the training loop imported only now (torch, transformers, PEFT take seconds to import),
     so ``--help`` and bad options answer at once."""
     quiet_libraries()
-    from .loop import run
-
     run(cfg)
 
 

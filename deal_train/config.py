@@ -17,12 +17,6 @@ DATA_DIR_ENV = "DEAL_TRAIN_DATA_DIR"
 """Environment variable naming the CL_Benchmark directory when ``data_dir`` is not set."""
 
 
-METHOD_NAMES = ("seq_lora", "deal", "o_lora", "per_task", "replay", "ewc", "lwf")
-"""The continual-learning methods (``deal_train.methods.METHODS`` has one class per name)."""
-METHOD_KEY_PREFIXES = {"deal": "deal_", "o_lora": "o_lora_", "replay": "replay_", "ewc": "ewc_", "lwf": "lwf_"}
-"""Config keys that only one method reads, by prefix."""
-
-
 class ConfigError(ValueError):
     """Bad user input (a config key, a value, a file). The CLI prints the message and exits with code 2."""
 
@@ -59,9 +53,8 @@ class TrainConfig:
     """All settings of one continual fine-tuning run (see ``--help`` for each key)."""
 
     # --- what to run -------------------------------------------------------------------------
-    method: str = _f("deal", "Continual-learning method: deal (DESIGN.md section 3) or a baseline of section 4: "
-                             "seq_lora, o_lora, per_task (oracle: adapter i evaluates task i), replay, ewc, lwf.",
-                     METHOD_NAMES)
+    method: str = _f("deal", "Continual-learning method: deal (docs/design.md section 3) or a baseline of section 4 "
+                             "(the names come from the registry in deal_train.methods).")
     benchmark: str = _f("standard", "Task sequence: tc (3 tasks), standard (4 tasks, orders 1-3), long (15 tasks).",
                         ("tc", "standard", "long"))
     order: int = _f(1, "Task order of the standard benchmark (1, 2 or 3).", (1, 2, 3))
@@ -149,7 +142,7 @@ class TrainConfig:
     eval_split: str = _f("test", "Split that fills the accuracy matrix: test (final numbers) or validation (for "
                                  "searches and sweeps; needs validation_rows > 0).", ("test", "validation"))
 
-    # --- DEAL (DESIGN.md section 3) -----------------------------------------------------------
+    # --- DEAL (docs/design.md section 3) -----------------------------------------------------------
     deal_profile: str = _f("tuned", "DEAL settings preset: tuned (our defaults, found by the search in "
                                     "docs/deal_defaults.md) or paper (the paper's literal method: no drift penalty, no "
                                     "residual update, raw regularisers). A preset fills the DEAL keys you do not set "
@@ -180,13 +173,13 @@ class TrainConfig:
     deal_reg_form: str = _f("norm", "Regulariser form: ||x||_p (norm) or ||x||_p^p (power, the paper's).",
                             ("norm", "power"))
     deal_lambda_drift: float = _f(0.003, "Drift penalty sum ||O - Y||_F^2 / ||Y||_F^2 over factors (ours, not the "
-                                       "paper's; see DESIGN.md section 7).")
+                                       "paper's; see docs/design.md section 7).")
     deal_residual_update: bool = _f(True, "Add a trainable residual R (n x r, zero at the start of each task, trained "
                                            "at learning_rate) to every filtered factor: O = MLP(filter(Y)) + R. Gives "
                                            "DEAL LoRA's plasticity; the drift penalty keeps it near the history "
                                            "(ours, not the paper's; off in the paper profile).")
 
-    # --- baselines (DESIGN.md section 4) ------------------------------------------------------
+    # --- baselines (docs/design.md section 4) ------------------------------------------------------
     o_lora_lambda_orth: float = _f(0.5, "O-LoRA lambda_orth: weight of sum_i sum_layers sum |A_i A_t^T| (elementwise "
                                         "absolute values) between each earlier adapter's A_i and the new one's A_t.")
     o_lora_lambda_l2: float = _f(0.0, "O-LoRA lambda_l2: weight of the sum of the Frobenius norms of the new "

@@ -50,7 +50,7 @@ for method in seq_lora deal; do
 done
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distributed / DeepSpeed checks (issue 5): scripts/gpu_check_distributed.py, when present, runs here and writes
+# Distributed / DeepSpeed checks: scripts/gpu_check_distributed.py, when present, runs here and writes
 # into $GPU_CHECK_OUT/distributed. Keep this block last and within the 8-minute budget.
 # ---------------------------------------------------------------------------------------------------------------
 if [ -f scripts/gpu_check_distributed.py ]; then

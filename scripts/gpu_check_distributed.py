@@ -41,7 +41,8 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-METHODS = ["deal", "seq_lora", "o_lora", "per_task", "replay", "ewc", "lwf"]
+sys.path.insert(0, str(REPO))
+from deal_train.methods import METHOD_NAMES as METHODS  # noqa: E402  (the registry; imports no torch)
 TASKS = ["1-dbpedia", "2-amazon"]
 BASE_ARGS = ["--model", "tiny-random-llama", "--tasks", "dbpedia,amazon", "--max_train_samples", "8",
              "--max_test_samples", "4", "--max_source_length", "128", "--max_new_tokens", "3",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce docs/results.md (issue 9) from scratch, in one command:
+# Reproduce docs/results.md from scratch, in one command:
 #
 #     scripts/reproduce_results.sh
 #

@@ -45,7 +45,7 @@ def leaves_rng_alone(fn) -> bool:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from deal_train import models
+    from deal_train.model import loading as models
 
     if not os.path.isfile(os.path.join(models.cache_dir(), "smollm2-135m-instruct", "config.json")):
         FIRST_CONVERSION["rng_untouched"] = leaves_rng_alone(lambda: models.resolve_model_path("smollm2-135m-instruct"))
@@ -54,7 +54,7 @@ def tokenizer():
 
 @pytest.fixture()
 def tiny_model(tokenizer):
-    from deal_train.models import load_model
+    from deal_train.model.loading import load_model
 
     return load_model("tiny-random-llama", tokenizer)
 
@@ -72,9 +72,9 @@ def tiny_method(tokenizer, data_dir):
     ``model="tiny-random-t5"`` for the encoder-decoder."""
     from deal_train.config import TrainConfig
     from deal_train.data import encoder_for
-    from deal_train.loop import prepare_data, tokenise
+    from deal_train.train.loop import prepare_data, tokenise
     from deal_train.methods import get_method
-    from deal_train.models import load_model
+    from deal_train.model.loading import load_model
 
     def make(name: str, **overrides):
         cfg = TrainConfig(method=name, **{**TINY_METHOD, **overrides})
@@ -102,7 +102,7 @@ TINY_T5_RUN = dict(model="tiny-random-t5", tasks=["dbpedia", "amazon"], max_trai
 
 def _run_cache(root, settings: dict):
     """``get(method)`` -> (cfg, metrics, trained_batches) for ``settings``, one run per method, cached."""
-    from deal_train import loop
+    from deal_train.train import loop, task
     from deal_train.config import TrainConfig
 
     cache = {}
@@ -111,14 +111,14 @@ def _run_cache(root, settings: dict):
         if method not in cache:
             cfg = TrainConfig(method=method, output_dir=str(root / method), **settings)
             trained: list[list[int]] = []
-            collate = loop.collate_train
+            collate = task.collate_train
 
             def recording_collate(features, pad_token_id):
                 trained.extend(list(f["input_ids"]) for f in features)
                 return collate(features, pad_token_id)
 
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(loop, "collate_train", recording_collate)
+                mp.setattr(task, "collate_train", recording_collate)
                 metrics = loop.run(cfg)
             cache[method] = (cfg, metrics, trained)
         return cache[method]
@@ -130,7 +130,7 @@ def _run_cache(root, settings: dict):
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """``finished_run(method)`` -> (cfg, metrics, trained_batches): one two-task run per method per session, with
-    the token ids of every training row collated (in order), recorded by wrapping ``loop.collate_train``."""
+    the token ids of every training row collated (in order), recorded by wrapping ``train.task.collate_train``."""
     return _run_cache(tmp_path_factory.mktemp("runs"), TINY_RUN)
 
 

@@ -1,4 +1,4 @@
-"""Architecture-only models through ``deal_train.models``: the published configs build the right model classes (on
+"""Architecture-only models through ``deal_train.model.loading``: the published configs build the right model classes (on
 the meta device here: no memory), seeded random weights, and a tokenizer whose ids fit (or a flag that they do
 not)."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5ForConditionalGeneration
 
-from deal_train import architectures
+from deal_train.model import architectures
 from deal_train.config import ConfigError
-from deal_train.models import build_architecture, load_model, load_tokenizer, resolve_model_path, token_ids_fit
+from deal_train.model.loading import build_architecture, load_model, load_tokenizer, resolve_model_path, token_ids_fit
 
 from conftest import FIRST_CONVERSION, leaves_rng_alone
 

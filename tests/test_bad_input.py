@@ -18,7 +18,7 @@ from deal_train.data import build_prompt
 from deal_train.data.files import read_tasks_file
 from deal_train.data.tasks import load_task
 from deal_train.deal import DRIFT_FLOOR_FRACTION, DEALFactor, set_drift_floors
-from deal_train.loop import TrainingError, prepare_data, run
+from deal_train.train.loop import TrainingError, run
 
 TINY = ["--model", "tiny-random-llama", "--tasks", "dbpedia,amazon", "--max_train_samples", "4",
         "--max_test_samples", "2", "--per_device_train_batch_size", "4", "--max_source_length", "128",

@@ -1,4 +1,4 @@
-"""The baselines of DESIGN.md section 4 (o_lora, per_task, replay, ewc, lwf) on a tiny random LLaMA with real rows:
+"""The baselines of docs/design.md section 4 (o_lora, per_task, replay, ewc, lwf) on a tiny random LLaMA with real rows:
 two-task runs end to end with stock-PEFT-loadable adapters, O-LoRA's concatenated adapter and penalty, PerTaskFT's
 adapter switch, the rows Replay trains on, EWC's penalty and state, LwF's teacher, and exact resume."""
 
@@ -14,15 +14,15 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from deal_train import loop
+from deal_train.train import loop
 from deal_train.config import TrainConfig
 from deal_train.data import Encoder, collate_train, load_task
-from deal_train.evaluation import generate_predictions
-from deal_train.losses import answer_forward, token_cross_entropy_sum
+from deal_train.train.evaluation import generate_predictions
+from deal_train.model.losses import answer_forward, token_cross_entropy_sum
 from deal_train.methods.adapters import lora_layers
 from deal_train.methods.lwf import TEACHER_ADAPTER
 from deal_train.methods.o_lora import CAT_ADAPTER
-from deal_train.models import load_model
+from deal_train.model.loading import load_model
 
 BASELINES = ["o_lora", "per_task", "replay", "ewc", "lwf"]
 LORA_PARAMS = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))  # rank 4 on q_proj (64 -> 64) and v_proj (64 -> 32), 2 layers

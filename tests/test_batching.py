@@ -14,10 +14,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from deal_train.data import Encoder, collate_train, load_task, read_rows
-from deal_train.evaluation import generate_predictions
-from deal_train.loop import train_task
-from deal_train.losses import answer_forward, token_cross_entropy_sum
-from deal_train.models import tiny_llama_config
+from deal_train.train.evaluation import generate_predictions
+from deal_train.train.task import train_task
+from deal_train.model.losses import answer_forward, token_cross_entropy_sum
+from deal_train.model.loading import tiny_llama_config
 
 
 def test_greedy_predictions_do_not_depend_on_the_eval_batch_size(tokenizer, data_dir):

@@ -16,13 +16,13 @@ import sys
 import pytest
 import torch
 
-from deal_train.checkpointing import (CHECKPOINTS_DIR, StepCheckpointer, StopSignals, TrainingStopped,
+from deal_train.train.checkpointing import (CHECKPOINTS_DIR, StepCheckpointer, StopSignals, TrainingStopped,
                                       list_checkpoints, verify_checkpoint)
 from deal_train.cli import build_parser, config_from_args, run_cli
 from deal_train.data import Encoder
-from deal_train.loop import prepare_data, run, tokenise
+from deal_train.train.loop import prepare_data, run, tokenise
 from deal_train.methods import get_method
-from deal_train.models import load_tokenizer
+from deal_train.model.loading import load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--method", "deal", "--model", "tiny-random-llama", "--tasks", "agnews,amazon", "--max_train_samples", "6",
@@ -85,7 +85,7 @@ def killed(runs):
 
 KILLER = """
 import os, signal, sys
-from deal_train import checkpointing
+from deal_train.train import checkpointing
 from deal_train.cli import main
 
 write_manifest = checkpointing.write_manifest

@@ -7,8 +7,8 @@ import json
 
 import yaml
 
-from deal_train import loop as loop_module
-from deal_train.compare import main
+from deal_train.train import loop as loop_module
+from deal_train.tools.compare import main
 from conftest import TINY_RUN
 
 

@@ -111,7 +111,7 @@ def test_kept_logits_give_the_full_loss(tokenizer, tiny_model, data_dir):
     """The loss from the last k positions' logits equals the loss from all logits (left padding)."""
     import torch
 
-    from deal_train.losses import answer_window, token_cross_entropy_sum
+    from deal_train.model.losses import answer_window, token_cross_entropy_sum
 
     task = load_task(data_dir, "yahoo")
     rows = read_rows(task, "train")[:5]
@@ -134,7 +134,7 @@ def test_kept_logits_give_the_full_loss(tokenizer, tiny_model, data_dir):
 
 def test_truncated_rows_are_counted_and_reported_per_task(tokenizer, data_dir):
     from deal_train.config import TrainConfig
-    from deal_train.loop import prepare_data, tokenise, truncation_report
+    from deal_train.train.loop import prepare_data, tokenise, truncation_report
     from deal_train.methods import get_method
 
     limit = 120

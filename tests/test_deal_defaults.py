@@ -1,4 +1,4 @@
-"""Issue 10: the validation split, the adapter-movement measurement, DEAL's residual update and the profiles."""
+"""The validation split, the adapter-movement measurement, DEAL's residual update and the profiles."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from deal_train import adapter_change
+from deal_train.train import adapter_change
 from deal_train.cli import build_parser, config_from_args
 from deal_train.config import PAPER_PROFILE, ConfigError, TrainConfig, validate
 from deal_train.data import load_task, read_rows, split_validation
-from deal_train.loop import comparable_config, prepare_data
+from deal_train.train.loop import comparable_config, prepare_data
 from deal_train.methods.adapters import lora_layers
-from deal_train.sweep import parse_grid, point_configs
+from deal_train.tools.sweep import parse_grid, point_configs
 from test_deal_maths import _cfg, _history_model, _logits
 
 
@@ -117,7 +117,7 @@ def test_residual_trains_at_the_lora_learning_rate_and_is_held_by_drift(tiny_mod
         residuals[0].add_(0.1)
     _, logs = method.extra_loss(model, None, model(input_ids=ids))
     assert logs["deal/drift"] > 0  # the drift penalty sees the residual
-    from deal_train.models import load_model, load_tokenizer
+    from deal_train.model.loading import load_model, load_tokenizer
 
     without = _cfg(deal_residual_update=False)
     m2, model2 = _history_model(load_model("tiny-random-llama", load_tokenizer("tiny-random-llama")), without)
@@ -159,7 +159,7 @@ def test_relative_change_lands_in_metrics(finished_run):
 
 
 def test_compare_takes_a_deal_profile_entry(tmp_path):
-    from deal_train.compare import method_config, parse_methods
+    from deal_train.tools.compare import method_config, parse_methods
 
     assert parse_methods("deal,deal:paper,seq_lora") == ["deal", "deal:paper", "seq_lora"]
     for bad in ("deal:nope", "seq_lora:paper"):

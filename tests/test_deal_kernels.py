@@ -1,4 +1,4 @@
-"""DEAL retention kernels and stacked layers (issue 4; DESIGN.md section 3, paper App. F): the invariants for every
+"""DEAL retention kernels and stacked layers (docs/design.md section 3, paper App. F): the invariants for every
 kernel × update mode on the tiny model (identity at start, fold equality, finite gradients on degenerate
 histories), the kernels' own formulas, the Haar transform, and the a >= b norm check."""
 

@@ -1,4 +1,4 @@
-"""DEAL maths (DESIGN.md section 3): identity at start, fold equality, gradient routing, degenerate
+"""DEAL maths (docs/design.md section 3): identity at start, fold equality, gradient routing, degenerate
 factors, regulariser values."""
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from deal_train.config import TrainConfig
-from deal_train.loop import run
+from deal_train.train.loop import run
 
 from conftest import REPO, TINY_RUN
 
@@ -120,10 +120,10 @@ def test_deepspeed_zero2_two_processes_equal_one_process(reference, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs the op is left alone")
-def test_skip_cpu_shared_memory_op_only_for_one_process_deepspeed_on_cpu(monkeypatch):
+def test_skip_cpu_shared_memory_op_for_deepspeed_on_cpu(monkeypatch):
     import deepspeed.ops
 
-    from deal_train.distributed import skip_cpu_shared_memory_op
+    from deal_train.train.distributed import skip_cpu_shared_memory_op
 
     table = deepspeed.ops.__compatible_ops__
     monkeypatch.setitem(table, "deepspeed_shm_comm", True)
@@ -136,7 +136,7 @@ def test_skip_cpu_shared_memory_op_only_for_one_process_deepspeed_on_cpu(monkeyp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_accelerator_kwargs_name_gloo_for_deepspeed_on_cpus_with_several_processes(monkeypatch):
-    from deal_train.distributed import accelerator_kwargs
+    from deal_train.train.distributed import accelerator_kwargs
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
@@ -158,10 +158,10 @@ from deal_train import cli
 cli.quiet_libraries()  # before anything imports PEFT (and with it bitsandbytes), as cli.main does
 from safetensors.torch import save_file
 from accelerate import Accelerator
-from deal_train import distributed
+from deal_train.train import distributed
 from deal_train.config import ConfigError, TrainConfig
 from deal_train.deal import DEALFactor
-from deal_train.precision import adapter_parameters
+from deal_train.model.precision import adapter_parameters
 
 record = {"tasks": []}
 buffers = {}
@@ -256,7 +256,7 @@ def test_zero3_leaf_hook_fires_after_all_deal_gradients(monkeypatch, kernel, lay
     from torch.utils.checkpoint import checkpoint
 
     from deal_train.deal import DEALFactor, attach, regulariser
-    from deal_train.distributed import mark_leaf_modules
+    from deal_train.train.distributed import mark_leaf_modules
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(4, 8, bias=False)  # a lora_B: weight 8 x 4 (n x r)

@@ -16,9 +16,9 @@ from peft import PeftModel
 
 from deal_train.config import TrainConfig
 from deal_train.data import Encoder, load_task
-from deal_train.evaluation import generate_predictions
-from deal_train.loop import run
-from deal_train.models import load_model
+from deal_train.train.evaluation import generate_predictions
+from deal_train.train.loop import run
+from deal_train.model.loading import load_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(model="tiny-random-llama", tasks=["dbpedia", "amazon"], max_train_samples=12, max_test_samples=6,
@@ -61,10 +61,11 @@ def test_two_task_run_writes_everything(tmp_path, tokenizer, method):
     assert saved["per_task"][0]["final_loss"] < saved["per_task"][0]["mean_loss"] * 1.5
     # TensorBoard scalars
     tags = _scalars(str(out / "tensorboard"))
-    assert {"train/loss", "train/learning_rate", "train/samples_per_second", "eval/average_accuracy",
+    assert {"train/loss", "train/learning_rate/lora", "train/samples_per_second", "eval/average_accuracy",
             "eval/dbpedia/exact_match"} <= tags
     if method == "deal":
         assert "deal/reg_update" in tags and "deal/drift" in tags
+        assert {"train/learning_rate/deal", "train/learning_rate/residual"} <= tags  # task 2's groups, by name
         assert "deal/relative_change/delta_w" in tags
         # task 2 trains the residuals R (LoRA's own shapes: task 1's count) plus the filter and MLP
         assert saved["per_task"][1]["trainable_parameters"] > saved["per_task"][0]["trainable_parameters"]
@@ -79,7 +80,7 @@ def test_two_task_run_writes_everything(tmp_path, tokenizer, method):
     base = load_model("tiny-random-llama", tokenizer)
     peft_model = PeftModel.from_pretrained(base, str(a2))
     enc = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, True)
-    from deal_train.loop import prepare_data
+    from deal_train.train.loop import prepare_data
 
     datas = prepare_data(cfg)
     feats, _ = enc.eval_features(load_task(cfg.resolved_data_dir(), "dbpedia"), datas[0].test_rows)

@@ -19,9 +19,9 @@ import sys
 import pytest
 
 from deal_train.config import PAPER_PROFILE, TrainConfig
-from deal_train.estimate_memory import PROFILES, estimate, main, model_shapes
+from deal_train.tools.estimate_memory import PROFILES, estimate, main, model_shapes
 from deal_train.methods import DEAL, SeqLoRA
-from deal_train.models import load_model
+from deal_train.model.loading import load_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -107,7 +107,7 @@ MEASURE = """
 import json, sys, torch
 torch.set_num_threads(1)
 from deal_train.config import PAPER_PROFILE, TrainConfig
-from deal_train.estimate_memory import measure
+from deal_train.tools.estimate_memory import measure
 out = {}
 for name, batch, length in (("tiny-random-llama", 16, 256), ("smollm2-135m-instruct", 2, 128)):
     cfg = TrainConfig(model=name, per_device_train_batch_size=batch, max_source_length=length, lora_rank=8,

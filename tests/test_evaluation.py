@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deal_train.evaluation import average_accuracy, backward_transfer, exact_match, normalize_answer, rouge1, score
+from deal_train.train.evaluation import average_accuracy, backward_transfer, exact_match, normalize_answer, rouge1, score
 
 
 @pytest.mark.parametrize("prediction", ["World", " World", "World\n", "World</s>", "World <pad>", "world.",

@@ -10,10 +10,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from deal_train import loop
+from deal_train.train import loop
 from deal_train.data import collate_train, encoder_for
-from deal_train.export import main
-from deal_train.models import load_model
+from deal_train.tools.export import main
+from deal_train.model.loading import load_model
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])

@@ -18,9 +18,9 @@ import sys
 
 import pytest
 
-from deal_train.checkpointing import CHECKPOINTS_DIR, list_checkpoints, verify_checkpoint
+from deal_train.train.checkpointing import CHECKPOINTS_DIR, list_checkpoints, verify_checkpoint
 from deal_train.cli import run_cli
-from deal_train.loop import run
+from deal_train.train.loop import run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

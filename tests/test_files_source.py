@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-from deal_train import loop
+from deal_train.train import loop
 from deal_train.config import ConfigError, TrainConfig
 from deal_train.data import build_prompt
 

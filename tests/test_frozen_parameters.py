@@ -8,7 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from deal_train.loop import train_task
+from deal_train.train.task import train_task
 from deal_train.methods import METHODS
 
 # names of the parameters each method may train on the second task

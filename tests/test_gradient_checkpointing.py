@@ -9,9 +9,9 @@ import torch
 
 from deal_train.config import TrainConfig
 from deal_train.data import collate_train
-from deal_train.losses import answer_forward, token_cross_entropy_sum
+from deal_train.model.losses import answer_forward, token_cross_entropy_sum
 from deal_train.methods import get_method
-from deal_train.precision import load_base_model
+from deal_train.model.precision import load_base_model
 
 from conftest import TINY_METHOD
 
@@ -20,7 +20,7 @@ def _build(name: str, checkpointing: bool, tokenizer, datas_cache: dict):
     cfg = TrainConfig(method=name, gradient_checkpointing=checkpointing, **TINY_METHOD)
     if "datas" not in datas_cache:
         from deal_train.data import Encoder
-        from deal_train.loop import prepare_data, tokenise
+        from deal_train.train.loop import prepare_data, tokenise
 
         datas = prepare_data(cfg)
         tokenise(datas, Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, True), get_method(cfg))

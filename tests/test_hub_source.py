@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 from datasets import Dataset
 
-from deal_train import loop
+from deal_train.train import loop
 from deal_train.config import ConfigError, TrainConfig
 from deal_train.data.hub import HUB_TASKS, balanced_sample, convert_rows, hub_spec, materialise
 from deal_train.data.tasks import TASK_TYPES

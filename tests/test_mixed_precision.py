@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from deal_train.config import TrainConfig
 from deal_train.data import collate_train
-from deal_train.loop import run, save_task_outputs
+from deal_train.train.loop import run, save_task_outputs
 from deal_train.methods import METHODS, get_method
-from deal_train.precision import DTYPES, adapter_parameters, load_base_model, low_precision_trainables
+from deal_train.model.precision import DTYPES, adapter_parameters, load_base_model, low_precision_trainables
 
 from conftest import TINY_RUN
 

@@ -1,5 +1,5 @@
 """The paper's Table 4 profiles (configs/paper/) dry-run here: the Hub ids map to the architectures written in
-deal_train/architectures.py, built on the meta device; the plan's rows, steps, trainable parameters and memory
+deal_train/model/architectures.py, built on the meta device; the plan's rows, steps, trainable parameters and memory
 estimate are checked against numbers computed independently from the data files and the published shapes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-from deal_train import loop
+from deal_train import cli
 from deal_train.cli import run_cli
 from deal_train.data import BENCHMARKS
 
@@ -42,7 +42,7 @@ def test_every_backbone_and_benchmark_has_a_profile():
 @pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
 def test_paper_profile_dry_runs(path, data_dir, capsys):
     plans = []
-    code = run_cli(lambda cfg: plans.append(loop.run(cfg)), ["--config", str(path), "--dry_run", "true"])
+    code = run_cli(lambda cfg: plans.append(cli.run(cfg)), ["--config", str(path), "--dry_run", "true"])
     out = capsys.readouterr().out
     assert code == 0 and len(plans) == 1
     plan = plans[0]
@@ -70,8 +70,8 @@ def test_paper_profile_dry_runs(path, data_dir, capsys):
 def test_dry_run_of_an_offline_model_and_of_a_hub_source(capsys):
     from deal_train.config import TrainConfig
 
-    plan = loop.run(TrainConfig(model="tiny-random-t5", tasks=["agnews", "CB"], lora_rank=4, data_source="hub",
-                                max_train_samples=40, per_device_train_batch_size=8, dry_run=True))
+    plan = cli.run(TrainConfig(model="tiny-random-t5", tasks=["agnews", "CB"], lora_rank=4, data_source="hub",
+                               max_train_samples=40, per_device_train_batch_size=8, dry_run=True))
     assert plan["target_modules"] == ["q", "v"] and plan["encoder_decoder"]
     assert [t["train_rows"] for t in plan["tasks"]] == [40, 40] and "not downloaded" in plan["data_note"]
     assert [t["optimizer_steps"] for t in plan["tasks"]] == [5, 5]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from deal_train.config import ConfigError, TrainConfig, validate
-from deal_train.loop import run
-from deal_train.profiling import (MemoryProfiler, memory_scalars, memory_stats, reset_peak_rss)
+from deal_train.train.loop import run
+from deal_train.train.profiling import (MemoryProfiler, memory_scalars, memory_stats, reset_peak_rss)
 
 MIB = 2**20
 

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from deal_train.config import ConfigError, TrainConfig
 from deal_train.data import collate_train
-from deal_train.loop import run
-from deal_train.losses import answer_forward, token_cross_entropy_sum
+from deal_train.train.loop import run
+from deal_train.model.losses import answer_forward, token_cross_entropy_sum
 from deal_train.methods import get_method
-from deal_train.models import load_model
-from deal_train.precision import build_optimizer, load_base_model, low_precision_trainables
+from deal_train.model.loading import load_model
+from deal_train.model.precision import build_optimizer, load_base_model, low_precision_trainables
 
 from conftest import TINY_METHOD, TINY_RUN
 

@@ -10,8 +10,8 @@ import textwrap
 
 from deal_train.config import TrainConfig
 from deal_train.data import Encoder
-from deal_train.loop import prepare_data, run
-from deal_train.models import load_tokenizer, smollm2_package_dir
+from deal_train.train.loop import prepare_data, run
+from deal_train.model.loading import load_tokenizer, smollm2_package_dir
 
 STOCK_SCRIPT = textwrap.dedent("""
     import json, sys

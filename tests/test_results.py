@@ -1,4 +1,4 @@
-"""Issue 9: ``python -m deal_train.results`` (the results page) on real tiny runs, and
+"""``python -m deal_train.results`` (the results page) on real tiny runs, and
 ``scripts/reproduce_results.sh`` (syntax, dry listing, knobs)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from deal_train import compare, results
+from deal_train.tools import compare, results
 
 SCRIPT = REPO / "scripts" / "reproduce_results.sh"
 
@@ -55,7 +55,7 @@ def _summaries(root, group: str, methods) -> dict[str, dict]:
 
 
 def _expected_cell(values, digits: int = 1, signed: bool = False) -> str:
-    """mean ± sample std [min–max], computed here independently of deal_train.results."""
+    """mean ± sample std [min–max], computed here independently of deal_train.tools.results."""
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))

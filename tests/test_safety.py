@@ -13,8 +13,8 @@ import torch
 
 from deal_train.cli import run_cli
 from deal_train.config import ConfigError, TrainConfig
-from deal_train.loop import run
-from deal_train.models import load_model
+from deal_train.train.loop import run
+from deal_train.model.loading import load_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -107,8 +107,8 @@ def test_no_config_value_reaches_a_shell():
 
 
 def test_names_cannot_leave_output_dir(tmp_path, capsys):
-    from deal_train.compare import main as compare_main
-    from deal_train.sweep import parse_grid, point_configs
+    from deal_train.tools.compare import main as compare_main
+    from deal_train.tools.sweep import parse_grid, point_configs
 
     assert compare_main(["--methods", "deal,../x", "--output_dir", str(tmp_path / "c")]) == 2
     assert "unknown: ../x" in capsys.readouterr().err

@@ -12,14 +12,14 @@ import torch
 from peft import PeftModel, PeftModelForSeq2SeqLM
 from transformers import LlamaForCausalLM, PretrainedConfig, T5ForConditionalGeneration
 
-from deal_train import loop
+from deal_train.train import loop
 from deal_train.config import ConfigError, TrainConfig
 from deal_train.data import IGNORE_INDEX, Seq2SeqEncoder, collate_train, encoder_for, load_task
-from deal_train.evaluation import generate_predictions
-from deal_train.losses import answer_forward, token_cross_entropy_sum
+from deal_train.train.evaluation import generate_predictions
+from deal_train.model.losses import answer_forward, token_cross_entropy_sum
 from deal_train.methods.adapters import lora_layers
 from deal_train.methods.lwf import TEACHER_ADAPTER
-from deal_train.models import default_target_modules, load_model, model_config, with_model_defaults
+from deal_train.model.loading import default_target_modules, load_model, model_config, with_model_defaults
 
 METHODS = ["seq_lora", "deal", "o_lora", "per_task", "replay", "ewc", "lwf"]
 BASELINES = ["o_lora", "per_task", "replay", "ewc", "lwf"]
@@ -178,6 +178,6 @@ def test_every_method_two_task_run(kind, method, finished_run, finished_t5_run, 
                    (out / "predictions" / "after_2-amazon" / "2-amazon.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in preds] == saved_preds
     if method == "seq_lora":  # the run recorded the resolved modules; a rerun of the same command matches it
-        from deal_train.compare import finished_metrics
+        from deal_train.tools.compare import finished_metrics
 
         assert cfg.target_modules == [] and finished_metrics(cfg)["finished"]

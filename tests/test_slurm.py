@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from deal_train.checkpointing import CHECKPOINTS_DIR, list_checkpoints, verify_checkpoint
+from deal_train.train.checkpointing import CHECKPOINTS_DIR, list_checkpoints, verify_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = ["slurm/single_node.sbatch", "slurm/multi_node.sbatch", "slurm/launch_node.sh", "slurm/common.sh"]

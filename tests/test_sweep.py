@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
-from deal_train import loop as loop_module
+from deal_train.train import loop as loop_module
 from deal_train.config import ConfigError, TrainConfig
-from deal_train.sweep import grid_points, main, parse_grid, point_configs, point_name
+from deal_train.tools.sweep import grid_points, main, parse_grid, point_configs, point_name
 
 SWEEP_RUN = dict(model="tiny-random-llama", tasks=["agnews", "amazon"], max_train_samples=8, max_test_samples=4,
                  per_device_train_batch_size=4, max_source_length=128, max_new_tokens=3,
@@ -113,7 +113,7 @@ def test_sweep_runs_one_directory_per_point_and_writes_rows(tmp_path, monkeypatc
 
 
 def test_comparable_config_fills_keys_added_later_with_their_defaults():
-    from deal_train.loop import comparable_config
+    from deal_train.train.loop import comparable_config
 
     now = TrainConfig(deal_kernel="haar", output_dir="x").to_dict()
     saved = {k: v for k, v in now.items() if k not in ("deal_layers", "deal_sigma_base")}

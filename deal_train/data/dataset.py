@@ -1,4 +1,4 @@
-"""Reading task rows, tokenising prompts and answers, and batching.
+"""Reading task rows and tokenising prompts and answers (batching: ``batching``).
 
 Decoder-only training rows are ``prompt + answer + EOS``; the loss sees only the answer and EOS
 positions (labels of the prompt positions are -100). Masking is by position, never by token id:
@@ -12,15 +12,12 @@ import os
 import random
 from dataclasses import dataclass
 
-import torch
 from datasets import Dataset
 
 from ..config import ConfigError
+from .batching import IGNORE_INDEX
 from .prompts import apply_chat, prompt_parts
 from .tasks import Task
-
-IGNORE_INDEX = -100
-
 
 NO_GOLD_LABEL = "-"
 """GLUE/SNLI's marker for a row without a gold label (annotators disagreed); 125 of the 500 MNLI test
@@ -190,50 +187,3 @@ class Encoder:
             truncated += cut
             feats.append({"input_ids": prompt, "label": row["label"], "index": i})
         return Dataset.from_list(feats), truncated
-
-
-def collate_train(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad a list of training features, so every row's answer ends at the last position.
-
-    Seq2seq features (with ``decoder_input_ids``, from ``Seq2SeqEncoder``) go to
-    ``seq2seq.collate_seq2seq_train`` instead (right padding, the decoder sequence layout).
-
-    Left padding lets the loop ask the model for logits of the last ``max answer length + 1`` positions
-    only (``logits_to_keep``) instead of a (batch × seq × vocab) tensor for the whole prompt.
-
-    Returns:
-        ``input_ids``, ``attention_mask`` and ``position_ids`` (batch × max_len, int64; positions count real
-        tokens from 0) and ``labels`` (batch × max_len, -100 on prompt and padding positions).
-    """
-    if "decoder_input_ids" in features[0]:
-        from .seq2seq import collate_seq2seq_train
-
-        return collate_seq2seq_train(features, pad_token_id)
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
-    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, width - n:] = torch.tensor(f["input_ids"])
-        mask[i, width - n:] = 1
-        labels[i, width - n:] = torch.tensor(f["labels"])
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
-
-
-def collate_eval(features: list[dict], pad_token_id: int) -> dict:
-    """Left-pad prompts for batched generation; keeps ``label`` strings and row ``index``.
-
-    Returns:
-        ``input_ids``/``attention_mask`` (batch × max_len), ``labels`` (list of str), ``index`` (list of int).
-    """
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, width - n:] = torch.tensor(f["input_ids"])
-        mask[i, width - n:] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": [f["label"] for f in features],
-            "index": [f["index"] for f in features]}

@@ -1,4 +1,4 @@
-"""Prompt text as the reference code builds it (DESIGN.md section 2).
+"""Prompt text as the reference code builds it (docs/design.md section 2).
 
 ``Task:<type>\\nDataset:<task>\\n`` + instruction + ``Option: <labels joined by ", "> \\n`` + sentence +
 ``\\nAnswer:``; COPA has no instruction and no options. The target is the label string.

@@ -1,10 +1,10 @@
-"""Tokenising and batching for encoder-decoder (seq2seq) models such as T5, and the choice of encoder by model kind.
+"""Tokenising for encoder-decoder (seq2seq) models such as T5, and the choice of encoder by model kind.
 
 A seq2seq training row is the prompt as the encoder input and ``[decoder start] + answer + EOS`` as the decoder
 input. Its ``labels`` are written in the *decoder sequence* layout, ``[-100] + answer + EOS`` (the same length as
 ``decoder_input_ids``): decoder position i predicts label i + 1, exactly the next-token shift of a decoder-only
-row. So ``losses.answer_logits`` / ``token_cross_entropy_sum`` and the loop's token count (``labels[:, 1:]``) are
-the same for both kinds; only the forward pass (``losses.answer_forward``) and the collation differ. The decoder's
+row. So ``model.losses.answer_logits`` / ``token_cross_entropy_sum`` and the loop's token count (``labels[:, 1:]``) are
+the same for both kinds; only the forward pass (``model.losses.answer_forward``) and the collation (``batching``) differ. The decoder's
 last input (EOS) yields one logit no label uses, as a decoder-only row's last position does.
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from datasets import Dataset
 
-from .dataset import IGNORE_INDEX, Encoder
+from .batching import IGNORE_INDEX
+from .dataset import Encoder
 from .tasks import Task
 
 
@@ -46,33 +46,6 @@ class Seq2SeqEncoder(Encoder):
             feats.append({"input_ids": prompt, "decoder_input_ids": [self.decoder_start_token_id] + answer,
                           "labels": [IGNORE_INDEX] + answer})
         return Dataset.from_list(feats), truncated
-
-
-def collate_seq2seq_train(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad seq2seq training features (from ``Seq2SeqEncoder.train_features``).
-
-    Returns:
-        ``input_ids`` / ``attention_mask`` (batch × max prompt length), ``decoder_input_ids`` /
-        ``decoder_attention_mask`` (batch × max decoder length; pad ``pad_token_id``) and ``labels``
-        (batch × max decoder length, -100 at the first position and on padding), all int64.
-    """
-    src = max(len(f["input_ids"]) for f in features)
-    tgt = max(len(f["decoder_input_ids"]) for f in features)
-    n = len(features)
-    ids = torch.full((n, src), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((n, src), dtype=torch.long)
-    dec = torch.full((n, tgt), pad_token_id, dtype=torch.long)
-    dec_mask = torch.zeros((n, tgt), dtype=torch.long)
-    labels = torch.full((n, tgt), IGNORE_INDEX, dtype=torch.long)
-    for i, f in enumerate(features):
-        k, m = len(f["input_ids"]), len(f["decoder_input_ids"])
-        ids[i, :k] = torch.tensor(f["input_ids"])
-        mask[i, :k] = 1
-        dec[i, :m] = torch.tensor(f["decoder_input_ids"])
-        dec_mask[i, :m] = 1
-        labels[i, :m] = torch.tensor(f["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "decoder_attention_mask": dec_mask,
-            "labels": labels}
 
 
 def encoder_for(config, tokenizer, max_source_length: int, max_target_length: int, chat_template: bool) -> Encoder:

@@ -45,7 +45,7 @@ class HubSource(CLBenchmarkSource):
     def load_task(self, name: str) -> Task:
         """The task converted into the cache (``hub.materialise``). Raises: ConfigError: Hub unreachable, a
         missing column, or a task without a Hub dataset."""
-        from ..models import cache_dir
+        from ..model.loading import cache_dir
 
         spec = hub_spec(name, self.cfg.hub_datasets)
         return materialise(spec, os.path.join(cache_dir(), "hub"), self.cfg.max_train_samples,

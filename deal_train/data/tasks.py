@@ -1,4 +1,4 @@
-"""Task registry and benchmark sequences (DESIGN.md section 2, paper Table 6).
+"""Task registry and benchmark sequences (docs/design.md section 2, paper Table 6).
 
 Each task lives in the CL_Benchmark layout as ``<data_dir>/<type>/<task>/{train,test,labels}.json``.
 """

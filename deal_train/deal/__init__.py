@@ -1,4 +1,4 @@
-"""The DEAL maths: retention kernels and filter, update MLP, regularisers, fold (DESIGN.md section 3)."""
+"""The DEAL maths: retention kernels and filter, update MLP, regularisers, fold (docs/design.md section 3)."""
 
 from .filter import (DRIFT_FLOOR_FRACTION, DEALFactor, RetentionStack, UpdateMLP, attach, fold, p_norm, regulariser,
                      set_drift_floors)

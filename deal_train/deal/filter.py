@@ -1,4 +1,4 @@
-"""The DEAL maths (DESIGN.md section 3; paper Eqs. 7-12).
+"""The DEAL maths (docs/design.md section 3; paper Eqs. 7-12).
 
 A LoRA layer computes ``h = W0 x + (alpha / r) B A x`` with ``A = lora_A.weight`` (r × d_in) and
 ``B = lora_B.weight`` (d_out × r). DEAL writes each factor with the rank as its column dimension,
@@ -51,7 +51,7 @@ class RetentionStack(nn.Module):
     ``H^{k+1} = H^k + δ(C_k(H^k))`` for k < K-1 and ``X̂ = H^{K-1} + C_{K-1}(H^{K-1})``, where C_k is layer k's
     correction (``kernels.KERNELS``; zero at start) and δ the retention activation. The paper writes
     ``H^{k+1} = δ(filter(H^k))``; we apply δ to the correction instead so that the stack starts as the exact
-    identity for any δ with δ(0) = 0 (identity, gelu, tanh), as the update MLP does (DESIGN.md section 3).
+    identity for any δ with δ(0) = 0 (identity, gelu, tanh), as the update MLP does (docs/design.md section 3).
     The first layer decomposes the frozen history once; later layers decompose their (trainable) input on every
     forward (``SpectralFilter.decompose``, finite gradients for any input).
 
@@ -88,7 +88,7 @@ class RetentionStack(nn.Module):
 
 
 class UpdateMLP(nn.Module):
-    """Row-wise residual MLP over the rank dimension (paper Eq. 11, residual form of DESIGN.md section 3).
+    """Row-wise residual MLP over the rank dimension (paper Eq. 11, residual form of docs/design.md section 3).
 
     ``forward(X)`` maps (n, r) to (n, r): ``X + W2 act(W1 x + b1) + b2`` for every row x.
     W2 and b2 start at zero, so the map starts as the identity.

@@ -30,7 +30,16 @@ from safetensors.torch import load_file
 
 from ..config import TrainConfig
 from ..data import Task
-from ..models import peft_task_type
+from ..model.loading import peft_task_type
+
+
+PAPER_COLUMNS = ("T5 TC", "T5 standard", "T5 long", "LLaMA TC", "LLaMA standard", "LLaMA long")
+"""The columns of the paper's Table 1 (backbone and benchmark; docs/design.md section 5)."""
+
+
+def paper_row(*aa: float) -> dict[str, float]:
+    """One method's row of the paper's Table 1, AA in % in ``PAPER_COLUMNS`` order."""
+    return dict(zip(PAPER_COLUMNS, aa, strict=True))
 
 
 class ContinualMethod:
@@ -40,6 +49,46 @@ class ContinualMethod:
     """
 
     name = "base"
+    """The ``method`` config value (the key of this class in ``methods.REGISTRY``)."""
+    label = "base"
+    """The name tables print (the paper's spelling, e.g. ``O-LoRA``)."""
+    config_prefix = ""
+    """Prefix of the config keys only this method reads (``deal_``); empty: none."""
+    config_keys: tuple[str, ...] = ()
+    """Further config keys only this method reads."""
+    profiles: tuple[str, ...] = ()
+    """Presets of this method's keys that ``compare`` accepts as ``<name>:<profile>``."""
+    oracle = False
+    """Not a continual learner (each task evaluated with its own adapter): shown as an upper reference, not ranked."""
+    results_role = ""
+    """``"proposed"``: the method the results page judges; ``"plain"``: the plain LoRA baseline set against it."""
+    paper_aa: dict[str, float] | None = None
+    """The paper's Table 1 AA (%) of this method per backbone and benchmark (docs/design.md section 5), if any."""
+    memory_kind = "lora"
+    """What ``estimate_memory`` counts for its later tasks: ``lora`` (one rank-r adapter) or ``deal``."""
+
+    @classmethod
+    def profile_config(cls, profile: str) -> dict:
+        """The config values of preset ``profile`` (one of ``profiles``) for ``compare``'s ``<name>:<profile>``."""
+        return {}
+
+    @classmethod
+    def plan_trainable(cls, lora_parameters: int, factor_shapes: list[tuple[tuple, tuple]],
+                       cfg: TrainConfig) -> tuple[int, int]:
+        """(trainable parameters on task 1, on each later task) for the dry run: one rank-r adapter's worth on
+        every task by default (O-LoRA and PerTaskFT train a new adapter per task).
+
+        Args:
+            lora_parameters: parameters of one rank-r LoRA adapter.
+            factor_shapes: ``(shape of lora_A.weight, shape of lora_B.weight)`` per LoRA layer.
+        """
+        return lora_parameters, lora_parameters
+
+    @classmethod
+    def plan_train_rows(cls, train_rows: list[int], task_index: int, cfg: TrainConfig) -> int:
+        """Rows trained on in task ``task_index`` for the dry run, given every task's own training rows
+        (default: the task's own)."""
+        return train_rows[task_index]
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -84,9 +133,10 @@ class ContinualMethod:
         return "default"
 
     def param_groups(self, model: PeftModel) -> list[dict]:
-        """Optimizer parameter groups: every parameter with ``requires_grad``, at ``learning_rate``."""
+        """Optimizer parameter groups (``params``, ``lr``, and a ``name`` for the logged learning rate): every
+        parameter with ``requires_grad``, at ``learning_rate``, named ``lora``."""
         params = [p for p in model.parameters() if p.requires_grad]
-        return [{"params": params, "lr": self.cfg.learning_rate}]
+        return [{"params": params, "lr": self.cfg.learning_rate, "name": "lora"}]
 
     def extra_loss(self, model: PeftModel, batch: dict, outputs) -> tuple[torch.Tensor | None, dict[str, float]]:
         """A term added to the cross-entropy of each micro batch, and scalars to log. Default: none."""

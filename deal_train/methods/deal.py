@@ -1,5 +1,5 @@
 """DEAL: continual LoRA where a spectral filter keeps the old adapter and a small MLP adds the new
-(NeurIPS 2025; DESIGN.md section 3). The maths lives in ``deal_train.deal``; this module applies it to
+(NeurIPS 2025; docs/design.md section 3). The maths lives in ``deal_train.deal``; this module applies it to
 every LoRA layer of a PEFT model at the right points of the continual loop.
 
 Task 0 trains a plain LoRA adapter. Before every later task the adapter is frozen as the history, a
@@ -14,10 +14,11 @@ import torch
 from peft import PeftModel
 from torch.nn.utils import parametrize
 
+from ..config import PROFILES
 from ..deal import DEALFactor, attach, regulariser, set_drift_floors
-from ..distributed import live, live_named, writing
+from ..model.sharding import live, live_named, writing
 from .adapters import lora_layers
-from .base import ContinualMethod
+from .base import ContinualMethod, paper_row
 
 
 class DEAL(ContinualMethod):
@@ -33,6 +34,36 @@ class DEAL(ContinualMethod):
     """
 
     name = "deal"
+    label = "DEAL"
+    config_prefix = "deal_"
+    config_keys = ("allow_unordered_norms",)
+    profiles = tuple(PROFILES)
+    results_role = "proposed"
+    paper_aa = paper_row(87.7, 78.5, 73.9, 88.9, 78.9, 74.6)
+    memory_kind = "deal"
+
+    @classmethod
+    def profile_config(cls, profile: str) -> dict:
+        """``deal_profile`` = ``profile`` and that preset's DEAL values (``config.PROFILES``)."""
+        return {**PROFILES[profile], "deal_profile": profile}
+
+    @classmethod
+    def plan_trainable(cls, lora_parameters: int, factor_shapes: list[tuple[tuple, tuple]],
+                       cfg) -> tuple[int, int]:
+        """LoRA on task 1; on later tasks the parameters of the factor map DEAL builds (``new_factor``) for every
+        LoRA factor ``deal_update`` maps, each built once per shape on a small random CPU matrix."""
+        deal = cls(cfg)
+        counts: dict = {}
+        total = 0
+        for a_shape, b_shape in factor_shapes:
+            for which, shape in (("A", a_shape), ("B", b_shape)):
+                if cfg.deal_update not in ("both", which):
+                    continue
+                if (which, shape) not in counts:
+                    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+                    counts[(which, shape)] = sum(p.numel() for p in deal.new_factor(weight, which).parameters())
+                total += counts[(which, shape)]
+        return lora_parameters, total
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -61,7 +92,7 @@ class DEAL(ContinualMethod):
 
     def new_factor(self, weight: torch.Tensor, which: str) -> DEALFactor:
         """The ``DEALFactor`` for one frozen LoRA weight (``which``: ``A`` for lora_A, ``B`` for lora_B) with this
-        config's settings; also used by ``plan.deal_parameters`` to count DEAL's parameters for a dry run."""
+        config's settings; also used by ``plan_trainable`` to count DEAL's parameters for a dry run."""
         cfg = self.cfg
         return DEALFactor(weight, transpose=(which == "A"), num_scales=cfg.deal_scales, hidden=cfg.deal_mlp_hidden,
                           activation=cfg.deal_activation, kernel=cfg.deal_kernel, layers=cfg.deal_layers,
@@ -77,13 +108,14 @@ class DEAL(ContinualMethod):
         return [p for f in self.factors for p in f.residual_parameters()]
 
     def param_groups(self, model: PeftModel) -> list[dict]:
-        """Task 0: LoRA at ``learning_rate``. Later tasks: θ1, θ2 at ``deal_learning_rate``, residuals at
-        ``learning_rate`` (they move factor entries directly, as LoRA's own parameters do)."""
+        """Task 0: LoRA at ``learning_rate`` (``lora``). Later tasks: θ1, θ2 at ``deal_learning_rate`` (``deal``),
+        residuals at ``learning_rate`` (``residual``: they move factor entries directly, as LoRA's own parameters
+        do)."""
         if self.task_index == 0:
             return super().param_groups(model)
-        groups = [{"params": self.deal_parameters(), "lr": self.cfg.deal_learning_rate}]
+        groups = [{"params": self.deal_parameters(), "lr": self.cfg.deal_learning_rate, "name": "deal"}]
         if self.residual_parameters():
-            groups.append({"params": self.residual_parameters(), "lr": self.cfg.learning_rate})
+            groups.append({"params": self.residual_parameters(), "lr": self.cfg.learning_rate, "name": "residual"})
         return groups
 
     def regularisation(self) -> tuple[torch.Tensor, dict[str, float]]:
@@ -135,7 +167,7 @@ class DEAL(ContinualMethod):
 
         The same as ``deal.fold`` on each weight, in two phases so that it also holds under ZeRO-3: every O is
         computed first (running a parametrization is a forward pass, after which ZeRO-3 may release the weight),
-        then the parametrizations are removed and the values written (``distributed.writing``)."""
+        then the parametrizations are removed and the values written (``model.sharding.writing``)."""
         if task_index == 0:
             return
         linears = [linear for _name, layer in lora_layers(model)

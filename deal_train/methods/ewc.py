@@ -1,4 +1,4 @@
-"""EWC: elastic weight consolidation (Kirkpatrick et al., PNAS 2017) on the LoRA parameters; DESIGN.md
+"""EWC: elastic weight consolidation (Kirkpatrick et al., PNAS 2017) on the LoRA parameters; docs/design.md
 section 4 and the paper's Table 8 baseline. One LoRA adapter is trained on every task (as SeqLoRA) with
 
     loss = CE(answer tokens) + ewc_lambda * sum_j F_j (theta_j - theta*_j)^2
@@ -35,8 +35,8 @@ from typing import Iterable
 import torch
 from peft import PeftModel
 
-from ..distributed import live
-from ..losses import answer_forward, token_cross_entropy_sum
+from ..model.sharding import live
+from ..model.losses import answer_forward, token_cross_entropy_sum
 from .base import ContinualMethod
 
 
@@ -79,6 +79,8 @@ class EWC(ContinualMethod):
     """SeqLoRA plus the EWC penalty. Config keys: ``ewc_lambda``, ``ewc_fisher_batches``."""
 
     name = "ewc"
+    label = "EWC"
+    config_prefix = "ewc_"
 
     def __init__(self, cfg):
         super().__init__(cfg)

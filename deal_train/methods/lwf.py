@@ -1,4 +1,4 @@
-"""LwF: learning without forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2017); DESIGN.md section 4 and the paper's
+"""LwF: learning without forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2017); docs/design.md section 4 and the paper's
 Table 8 baseline. One LoRA adapter is trained on every task (as SeqLoRA); from the second task on, the loss adds
 a distillation term from the model as it was before the task, on the new task's inputs:
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from ..distributed import writing
-from ..losses import answer_forward, answer_logits
+from ..model.sharding import writing
+from ..model.losses import answer_forward, answer_logits
 from .adapters import activate, kept_adapter_state
 from .base import ContinualMethod
 
@@ -32,6 +32,8 @@ class LwF(ContinualMethod):
     """SeqLoRA plus distillation from the previous model. Config keys: ``lwf_temperature``, ``lwf_weight``."""
 
     name = "lwf"
+    label = "LwF"
+    config_prefix = "lwf_"
 
     def before_task(self, model: PeftModel, task_index: int, train_rows=None) -> None:
         """From task 1 on: snapshot the adapter into the frozen teacher adapter."""

@@ -1,5 +1,5 @@
 """O-LoRA: orthogonal subspace learning for continual learning (Wang et al., EMNLP Findings 2023;
-DESIGN.md section 4; reference code github.com/cmnfriend/O-LoRA, ``uie_trainer_lora.py``).
+docs/design.md section 4; reference code github.com/cmnfriend/O-LoRA, ``uie_trainer_lora.py``).
 
 Task t (0-based) trains a new rank-r PEFT LoRA adapter ``task_<t>`` while the adapters of tasks 0..t-1 stay
 active in the forward pass and frozen. The loss adds
@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from ..distributed import live
+from ..model.sharding import live
 from .adapters import (activate, adapter_parameters, kept_adapter_state, load_named_adapter, lora_layers,
                        save_named_adapter, task_adapter)
-from .base import ContinualMethod
+from .base import ContinualMethod, paper_row
 
 CAT_ADAPTER = "o_lora_cat"
 """Name of the temporary concatenated adapter built for saving (and while resuming)."""
@@ -35,6 +35,9 @@ class OLoRA(ContinualMethod):
     """O-LoRA with one new rank-r adapter per task. Config keys: ``o_lora_lambda_orth``, ``o_lora_lambda_l2``."""
 
     name = "o_lora"
+    label = "O-LoRA"
+    config_prefix = "o_lora_"
+    paper_aa = paper_row(85.2, 71.2, 70.8, 86.4, 75.3, 73.2)
 
     def __init__(self, cfg):
         super().__init__(cfg)

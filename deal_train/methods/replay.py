@@ -1,4 +1,4 @@
-"""Replay (experience replay; DESIGN.md section 4, paper Table 8): a small buffer of each earlier task's
+"""Replay (experience replay; docs/design.md section 4, paper Table 8): a small buffer of each earlier task's
 training rows is mixed into every later task's training data; otherwise SeqLoRA (one adapter).
 
 The buffer of task i is ``replay_samples_per_task`` of its training rows (all when it has fewer), chosen with
@@ -21,6 +21,13 @@ class Replay(ContinualMethod):
     """SeqLoRA trained on each task's rows plus a fixed buffer of every earlier task's rows."""
 
     name = "replay"
+    label = "Replay"
+    config_prefix = "replay_"
+
+    @classmethod
+    def plan_train_rows(cls, train_rows: list[int], task_index: int, cfg) -> int:
+        """The task's rows plus ``replay_samples_per_task`` rows (at most all) of each earlier task."""
+        return train_rows[task_index] + sum(min(cfg.replay_samples_per_task, r) for r in train_rows[:task_index])
 
     def buffer(self, task_index: int, rows: list[dict]) -> list[dict]:
         """The rows of task ``task_index`` kept for replay: a seeded random choice without repetition."""

@@ -47,12 +47,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
-from .outputs import atomic_write_json
+from ..config import ConfigError
+from ..outputs import RunLayout, atomic_write_json
+from ..outputs.layout import CHECKPOINTS_DIR  # noqa: F401  (the folder's name, for callers)
 
-CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_STATE_FILE = "adapter_state.safetensors"
-METHOD_STATE_FILE = "method_task_state.safetensors"
+TASK_STATE_FILE = "method_task_state.safetensors"
+"""``method.task_state_dict()`` inside a step checkpoint (the after-task state is ``outputs.METHOD_STATE_FILE``)."""
 TRAINER_STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -227,6 +228,24 @@ def list_checkpoints(root: str) -> tuple[list[tuple[int, int, str]], list[str]]:
     return sorted(done), partial
 
 
+class NoCheckpoints:
+    """The checkpointer of a task trained without step checkpoints (benchmarks, tests): a fresh start, the loader
+    as it is, no saves, no stop signals; ``StepCheckpointer``'s interface, so ``train_task`` needs no branches."""
+
+    def begin_task(self, task_index: int, global_step: int, method) -> TaskProgress:
+        return TaskProgress(task_index=task_index, global_step=global_step)
+
+    def epoch_batches(self, loader, generator: torch.Generator, progress: TaskProgress, epoch: int):
+        return loader
+
+    def after_step(self, progress: TaskProgress, task_name: str) -> None:
+        pass
+
+    def save(self, progress: TaskProgress) -> None:
+        """Nothing is saved: returns None (no checkpoint path)."""
+        return None
+
+
 class StepCheckpointer:
     """Saves and restores step checkpoints of one run; see the module docstring for the layout.
 
@@ -235,7 +254,7 @@ class StepCheckpointer:
         output_dir: the run's output directory; checkpoints go to ``<output_dir>/checkpoints``.
         every_steps: checkpoint every this many optimizer steps (global step count; 0: only on a signal, or
             before a stop on non-finite losses).
-        run_config: the run's comparable config (``loop.comparable_config``); a checkpoint made with another is
+        run_config: the run's comparable config (``train.loop.comparable_config``); a checkpoint made with another is
             refused.
         signals: the ``StopSignals`` whose request ``after_step`` honours (None: no signal handling).
     """
@@ -243,7 +262,7 @@ class StepCheckpointer:
     def __init__(self, accelerator, output_dir: str, every_steps: int, run_config: dict,
                  signals: StopSignals | None = None):
         self.accelerator = accelerator
-        self.root = os.path.join(output_dir, CHECKPOINTS_DIR)
+        self.root = RunLayout(output_dir).checkpoints
         self.every_steps = every_steps
         self.run_config = run_config
         self.signals = signals
@@ -352,7 +371,7 @@ class StepCheckpointer:
             if isinstance(err, CheckpointError):
                 raise
             raise CheckpointError(f"Checkpoint {path} does not fit this run's optimizer or model: {err}") from None
-        state_file = os.path.join(path, METHOD_STATE_FILE)
+        state_file = os.path.join(path, TASK_STATE_FILE)
         try:
             method.load_task_state_dict(load_file(state_file) if os.path.isfile(state_file) else {})
         except ValueError as err:
@@ -409,7 +428,7 @@ class StepCheckpointer:
             state = self.method.task_state_dict() if self.method is not None else {}
             if state:
                 save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
-                          os.path.join(tmp, METHOD_STATE_FILE))
+                          os.path.join(tmp, TASK_STATE_FILE))
             atomic_write_json(os.path.join(tmp, TRAINER_STATE_FILE),
                               {"format": FORMAT_VERSION, "progress": progress.to_json(), "config": self.run_config})
             umask = os.umask(0)

@@ -42,8 +42,13 @@ def atomic_write_json(path: str, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def atomic_write_dir(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmpdir)`` and move the finished directory to ``path`` (replacing an older one)."""
+def atomic_write_dir(path: str, write: Callable[[str], None], keep_existing: bool = False) -> None:
+    """Call ``write(tmpdir)`` and move the finished directory to ``path``, replacing an older one; with
+    ``keep_existing`` an existing ``path`` wins instead (a cache that another process may have filled first).
+
+    Raises:
+        OSError: the rename failed (with ``keep_existing``: and no directory ``path`` exists).
+    """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
@@ -52,7 +57,13 @@ def atomic_write_dir(path: str, write: Callable[[str], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         write(tmp)
-        if os.path.isdir(path):
+        if keep_existing:
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if not os.path.isdir(path):
+                    raise
+        elif os.path.isdir(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
             os.rename(path, os.path.join(old, "x"))
             os.rename(tmp, path)
@@ -66,6 +77,13 @@ def atomic_write_dir(path: str, write: Callable[[str], None]) -> None:
 def write_predictions(path: str, rows: list[dict]) -> None:
     """One JSON object per line: index, prediction, label, exact_match, rouge1."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def format_pct(value: float | None, signed: bool = False) -> str:
+    """A percentage with one decimal (``+`` sign when ``signed``); ``n/a`` for None."""
+    if value is None:
+        return "n/a"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
 def format_matrix(tasks: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> str:

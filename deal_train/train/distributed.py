@@ -40,14 +40,13 @@ nothing is compiled.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterable, Iterator
 
 import torch
 from accelerate.utils import DistributedType
 
-from .config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig
+from ..model.sharding import is_zero3, gather_adapters
 
 
 def _deepspeed_on_cpu() -> bool:
@@ -175,7 +174,7 @@ def check_profile(cfg: TrainConfig, accelerator) -> None:
 
 def adapter_tensor_sizes(model: torch.nn.Module) -> int:
     """Elements of the largest adapter tensor (LoRA matrices of every adapter, DEAL's modules); 0 if none."""
-    from .precision import adapter_parameters
+    from ..model.precision import adapter_parameters
 
     return max((getattr(p, "ds_numel", p.numel()) for _n, p in adapter_parameters(model)), default=0)
 
@@ -192,10 +191,6 @@ def configure_deepspeed(accelerator, cfg: TrainConfig, model: torch.nn.Module) -
     Raises:
         ConfigError: under ZeRO-3, a fixed persistence threshold below the largest adapter tensor.
     """
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
-        raise ConfigError("mixed_precision fp16 does nothing on a CPU (Accelerate's CPU autocast runs bf16 only, so "
-                          "the run would silently train in fp32). Use --mixed_precision bf16 or no on a CPU, or "
-                          "run fp16 on a GPU.")
     plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return
@@ -257,7 +252,7 @@ def mark_leaf_modules(model: torch.nn.Module) -> None:
     reentrant gradient checkpointing, lie in the outer backward pass, which finishes them before it recomputes the
     checkpointed layers). ``tests/test_distributed.py`` checks this order.
     """
-    from .deal import DEALFactor
+    from ..deal import DEALFactor
 
     factors = [m for m in model.modules() if isinstance(m, DEALFactor)]
     if not factors:
@@ -276,72 +271,12 @@ def check_persistent(model: torch.nn.Module) -> None:
     Raises:
         RuntimeError: naming up to three adapter tensors that ZeRO-3 would shard.
     """
-    from .precision import adapter_parameters
+    from ..model.precision import adapter_parameters
 
-    sharded = [n for n, p in adapter_parameters(model) if _is_zero(p) and not getattr(p, "ds_persist", False)]
+    sharded = [n for n, p in adapter_parameters(model) if is_zero3(p) and not getattr(p, "ds_persist", False)]
     if sharded:
         raise RuntimeError(f"ZeRO-3 shards {len(sharded)} adapter tensors, e.g. {sharded[:3]}; raise "
                            f"stage3_param_persistence_threshold.")
-
-
-def _is_zero(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
-def gather(params: Iterable[torch.nn.Parameter]) -> None:
-    """Make the ZeRO-3 parameters among ``params`` whole on this rank where ZeRO-3 has released them; they stay
-    whole until ZeRO-3 releases them again. Ordinary tensors are left alone. Collective under ZeRO-3 (every process
-    calls it with the same parameters)."""
-    todo = [p for p in params if _is_zero(p) and p.ds_status.name == "NOT_AVAILABLE"]
-    if todo:
-        todo[0].all_gather(param_list=todo)
-
-
-def gather_adapters(model: torch.nn.Module) -> None:
-    """``gather`` for every adapter tensor of ``model`` (a no-op unless they are ZeRO-3 parameters)."""
-    from .precision import adapter_parameters
-
-    gather([p for _n, p in adapter_parameters(model)])
-
-
-def live(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Tensors to build a loss term from outside the forward pass: ``params`` themselves, except that ZeRO-3
-    parameters are gathered and replaced by copies (``clone``: the gradient flows back to the parameter, while the
-    data the backward pass needs no longer depends on ZeRO-3 keeping the parameter whole). Collective under
-    ZeRO-3."""
-    params = list(params)
-    if not any(_is_zero(p) for p in params):
-        return params
-    gather(params)
-    return [p.clone() if _is_zero(p) else p for p in params]
-
-
-def live_named(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """``live`` for the parameters of ``module`` by name, for ``torch.func.functional_call``; None when none is a
-    ZeRO-3 parameter (then call the module as it is)."""
-    named = dict(module.named_parameters())
-    if not any(_is_zero(p) for p in named.values()):
-        return None
-    return dict(zip(named, live(named.values())))
-
-
-@contextlib.contextmanager
-def writing(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
-    """Context for changing parameters outside the optimizer. For ZeRO-3 parameters: gathered on entry, the new
-    values (those of rank 0; every rank computes the same) written into their partitions on exit, and gathered
-    whole again; for ordinary tensors it does nothing. Run no forward pass inside (ZeRO-3 may release the
-    parameters after one, and a released parameter's new value would be lost). Collective under ZeRO-3."""
-    zero = [p for p in params if _is_zero(p)]
-    if not zero:
-        yield
-        return
-    import deepspeed
-
-    gather(zero)
-
-    with deepspeed.zero.GatheredParameters(zero, modifier_rank=0):
-        yield
-    zero[0].all_gather(param_list=zero)
 
 
 def check_saved_adapter(path: str) -> None:
@@ -359,3 +294,44 @@ def check_saved_adapter(path: str) -> None:
         empty = [k for k in fh.keys() if 0 in fh.get_slice(k).get_shape()]
     if empty:
         raise RuntimeError(f"Adapter saved in {path} has empty tensors (not gathered from ZeRO-3 shards): {empty[:3]}")
+
+
+class Zero3:
+    """What the loop does differently under DeepSpeed ZeRO-3, in one place; every method is correct (and mostly a
+    no-op) without ZeRO-3, so the loop calls them unconditionally.
+
+    Args:
+        accelerator: the run's ``Accelerator``; ``active`` is True under ZeRO-3 (``keeps_engine``).
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.active = keeps_engine(accelerator)
+
+    def place(self, model: torch.nn.Module) -> None:
+        """Move the wrapped model to the device, except under ZeRO-3, which moves only each rank's shard itself."""
+        if not self.active:
+            model.to(self.accelerator.device)
+
+    @staticmethod
+    def gather(model: torch.nn.Module) -> None:
+        """Make every adapter tensor whole on this rank (collective under ZeRO-3): before the methods read adapter
+        tensors between forward passes, and before a save."""
+        gather_adapters(model)
+
+    def prepare(self, cfg: TrainConfig, model, optimizer, loader) -> tuple:
+        """``accelerator.prepare`` of one task's model, optimizer and loader: frees the previous task's engine,
+        fills the run-dependent DeepSpeed values first (``configure_deepspeed``) and, under ZeRO-3, checks that
+        every adapter tensor stayed persistent (``check_persistent``, RuntimeError otherwise)."""
+        self.accelerator.free_memory()  # also destroys the previous task's DeepSpeed engine
+        configure_deepspeed(self.accelerator, cfg, model)
+        model, optimizer, loader = self.accelerator.prepare(model, optimizer, loader)
+        if self.active:
+            check_persistent(self.accelerator.unwrap_model(model))
+        return model, optimizer, loader
+
+    def release(self) -> None:
+        """Free the task's engine after training, except under ZeRO-3, whose hooks run the evaluation's forward
+        passes (the engine is destroyed when the next task prepares its own)."""
+        if not self.active:
+            self.accelerator.free_memory()

@@ -6,7 +6,7 @@ written in ``deal_train/architectures.py``, so the paper profiles (``configs/pap
 any other model's config is read as usual (``models.model_config``).
 
 Printed and returned: the tasks with their training / test rows and optimizer steps, the trainable parameters of
-every method on the first and on later tasks, and a memory estimate (``simple_memory_estimate``: weights,
+every method on the first and on later tasks, and a memory estimate (``memory.lower_bound``: weights,
 gradients and Adam states only).
 """
 
@@ -15,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
 from transformers import PretrainedConfig
 
-from .architectures import ARCHITECTURES, HUB_IDS, architecture_config
-from .config import METHOD_NAMES, ConfigError, TrainConfig
-from .models import check_target_modules, default_target_modules, is_encoder_decoder, meta_model, model_config
+from ..model.architectures import ARCHITECTURES, HUB_IDS, architecture_config
+from ..config import ConfigError, TrainConfig
+from .memory import lower_bound
+from ..model.loading import check_target_modules, default_target_modules, is_encoder_decoder, meta_model, model_config
 
-GIB = 1024 ** 3
 _ADAPTER_CACHE: dict = {}
 
 
@@ -54,14 +53,14 @@ def adapter_shapes(label: str, config: PretrainedConfig, cfg: TrainConfig) -> di
     Raises:
         ConfigError: a target module matches no linear layer.
     """
-    from .methods import get_method
+    from ..methods.base import ContinualMethod
 
     key = (label, cfg.lora_rank, tuple(cfg.target_modules))
     if key not in _ADAPTER_CACHE:
         model = meta_model(config)
         check_target_modules(model, cfg.target_modules)
         base = sum(p.numel() for p in model.parameters())
-        peft_model = get_method(dataclasses.replace(cfg, method="seq_lora")).wrap(model)
+        peft_model = ContinualMethod(cfg).wrap(model)  # one rank-r adapter
         lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         factors = [(tuple(m.lora_A["default"].weight.shape), tuple(m.lora_B["default"].weight.shape))
                    for _n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
@@ -69,55 +68,19 @@ def adapter_shapes(label: str, config: PretrainedConfig, cfg: TrainConfig) -> di
     return _ADAPTER_CACHE[key]
 
 
-def deal_parameters(factors: list[tuple[tuple, tuple]], cfg: TrainConfig) -> int:
-    """Trainable DEAL parameters on a task after the first: the parameters of the factor map that DEAL builds
-    (``DEAL.new_factor``) for every LoRA factor ``deal_update`` maps, each built once per shape on a small random
-    CPU matrix."""
-    from .methods import get_method
+def trainable_per_method(lora: int, factors: list[tuple[tuple, tuple]], cfg: TrainConfig) -> dict[str, tuple[int, int]]:
+    """(trainable parameters on task 1, on each later task) for every registered method (``plan_trainable``)."""
+    from ..methods import METHOD_NAMES, method_class
 
-    deal = get_method(dataclasses.replace(cfg, method="deal"))
-    counts: dict = {}
-    total = 0
-    for a_shape, b_shape in factors:
-        for which, shape in (("A", a_shape), ("B", b_shape)):
-            if cfg.deal_update not in ("both", which):
-                continue
-            if (which, shape) not in counts:
-                weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-                counts[(which, shape)] = sum(p.numel() for p in deal.new_factor(weight, which).parameters())
-            total += counts[(which, shape)]
-    return total
-
-
-def trainable_per_method(lora: int, deal: int) -> dict[str, tuple[int, int]]:
-    """(trainable parameters on task 1, on each later task) for every method: one rank-r adapter's worth for all
-    (O-LoRA and PerTaskFT train a new adapter per task), except DEAL, which trains its filter and MLP after
-    task 1."""
-    return {m: (lora, deal if m == "deal" else lora) for m in METHOD_NAMES}
-
-
-def simple_memory_estimate(base_parameters: int, trainable_parameters: int, weight_bytes: int = 4) -> dict:
-    """A lower bound on training memory: the base weights plus, per trainable parameter, an fp32 weight, an fp32
-    gradient and AdamW's two fp32 moments (16 bytes). Activations, the CUDA context and allocator slack are NOT
-    included. (A simple stand-in; ``deal_train.estimate_memory`` is meant to replace it.)
-
-    Args:
-        weight_bytes: bytes per base weight (4: the loop loads float32 and mixed precision only autocasts).
-    Returns:
-        ``weights_bytes``, ``trainable_bytes``, ``total_bytes`` (bytes) and ``total_gib``.
-    """
-    weights = base_parameters * weight_bytes
-    trainable = trainable_parameters * 16
-    return {"weights_bytes": weights, "trainable_bytes": trainable, "total_bytes": weights + trainable,
-            "total_gib": (weights + trainable) / GIB}
+    return {m: method_class(m).plan_trainable(lora, factors, cfg) for m in METHOD_NAMES}
 
 
 def data_plan(cfg: TrainConfig) -> tuple[list[str], list[int], list[int], str]:
     """(task names, training rows, test rows, note) per task. The rows are counted by reading the data
     (CL_Benchmark folder or files) as a run would; a Hub source is not downloaded, and data that cannot be read
     falls back to ``max_train_samples`` / ``max_test_samples``, with the reason in the note."""
-    from .data.sources import task_source
-    from .loop import prepare_data
+    from ..data.prepare import prepare_data
+    from ..data.sources import task_source
 
     if cfg.data_source != "hub":
         try:
@@ -136,13 +99,14 @@ def data_plan(cfg: TrainConfig) -> tuple[list[str], list[int], list[int], str]:
 
 
 def optimizer_steps(train_rows: list[int], cfg: TrainConfig, method: str) -> list[int]:
-    """Optimizer steps per task on one process, as ``loop.train_task`` counts them:
-    ceil(ceil(rows / batch) / accumulation) × epochs; Replay adds ``replay_samples_per_task`` rows of each
-    earlier task."""
+    """Optimizer steps per task on one process, as ``train.loop.train_task`` counts them:
+    ceil(ceil(rows / batch) / accumulation) × epochs, of the rows the method trains on (``plan_train_rows``:
+    Replay adds its buffer of each earlier task)."""
+    from ..methods import method_class
+
     steps = []
-    for t, rows in enumerate(train_rows):
-        if method == "replay":
-            rows += sum(min(cfg.replay_samples_per_task, r) for r in train_rows[:t])
+    for t in range(len(train_rows)):
+        rows = method_class(method).plan_train_rows(train_rows, t, cfg)
         batches = math.ceil(rows / cfg.per_device_train_batch_size)
         steps.append(math.ceil(batches / cfg.gradient_accumulation_steps) * cfg.num_train_epochs)
     return steps
@@ -155,7 +119,7 @@ def dry_run(cfg: TrainConfig) -> dict:
         ``model``, ``architecture``, ``encoder_decoder``, ``target_modules``, ``tasks`` (list of dicts: ``task``,
         ``train_rows``, ``test_rows``, ``optimizer_steps``), ``data_note``, ``base_parameters``,
         ``lora_layers``, ``trainable_parameters`` (method -> [task 1, later tasks]) and ``memory_estimate``
-        (method -> ``simple_memory_estimate`` at its larger trainable count).
+        (method -> ``memory.lower_bound`` at its larger trainable count).
     Raises:
         ConfigError: the model's config cannot be built, or a target module matches nothing.
     """
@@ -163,8 +127,8 @@ def dry_run(cfg: TrainConfig) -> dict:
     if not cfg.target_modules:
         cfg = dataclasses.replace(cfg, target_modules=default_target_modules(config))
     shapes = adapter_shapes(label, config, cfg)
-    per_method = trainable_per_method(shapes["lora_parameters"], deal_parameters(shapes["factors"], cfg))
-    memory = {m: simple_memory_estimate(shapes["base_parameters"], max(v)) for m, v in per_method.items()}
+    per_method = trainable_per_method(shapes["lora_parameters"], shapes["factors"], cfg)
+    memory = {m: lower_bound(shapes["base_parameters"], max(v)) for m, v in per_method.items()}
     names, train_rows, test_rows, note = data_plan(cfg)
     steps = optimizer_steps(train_rows, cfg, cfg.method)
     plan = {

@@ -3,7 +3,7 @@
 Measured for every method on the adapter it trains (``ContinualMethod.trained_adapter``), logged to TensorBoard
 as ``deal/relative_change/{A,B,delta_w}`` during training and stored per task in ``metrics.json``
 (``per_task[t]["relative_change"]``), so the movement of the adapter can be set against the forgetting of
-earlier tasks (issue 10; DESIGN.md section 7). For DEAL the factors read are the parametrized ones, i.e. the
+earlier tasks (docs/design.md section 7). For DEAL the factors read are the parametrized ones, i.e. the
 current O of Eq. 11 (what the fold will write).
 
 Definitions, summed over all LoRA layers ℓ of the adapter (A_ℓ: r × d_in, B_ℓ: d_out × r, "0" = start of task)::
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .methods.adapters import lora_layers
+from ..methods.adapters import lora_layers
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Evaluation protocol (DESIGN.md section 2): greedy generation, exact match, ROUGE-1, AA and BWT.
+"""Evaluation protocol (docs/design.md section 2): greedy generation, exact match, ROUGE-1, AA and BWT.
 
 After training task t every task i <= t is evaluated on its test split, filling the accuracy matrix
 ``a[i][t]`` (row i = task i, column t = after training task t; None where not evaluated).
@@ -6,6 +6,7 @@ After training task t every task i <= t is evaluated on its test split, filling 
 
 from __future__ import annotations
 
+import statistics
 from typing import Sequence
 
 import torch
@@ -14,8 +15,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import collate_eval
-from .data.labels import normalize_answer
+from ..data import collate_eval
+from ..data.labels import normalize_answer
 
 _scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
 
@@ -116,3 +117,14 @@ def score(predictions: list[dict]) -> dict[str, float]:
         em += row["exact_match"]
         r1 += row["rouge1"]
     return {"exact_match": 100.0 * em / len(predictions), "rouge1": 100.0 * r1 / len(predictions)}
+
+
+def spread(values: Sequence[float | None]) -> dict:
+    """How values of repeated measurements spread: ``mean``, ``std`` (sample standard deviation, n - 1; None for
+    fewer than two values), ``median``, ``min``, ``max`` and ``n``, None values left out; all None but ``n`` (0)
+    when nothing is left."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "median": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}

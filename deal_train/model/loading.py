@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import shutil
-import tempfile
 
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -34,7 +32,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           LlamaForCausalLM, PretrainedConfig, PreTrainedModel, T5Config, T5ForConditionalGeneration)
 
 from .architectures import ARCHITECTURES, architecture_config, is_architecture
-from .config import ConfigError
+from ..config import ConfigError
+from ..outputs import atomic_write_dir
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 TINY_LLAMA_ALIAS = "tiny-random-llama"
@@ -66,20 +65,6 @@ def smollm2_package_dir() -> str:
     return path
 
 
-def _atomic_save_dir(target: str, save) -> None:
-    """Call ``save(tmpdir)`` and rename the directory into place (another process may win the race)."""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
-    try:
-        save(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not os.path.isdir(target):
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _smollm2_local_dir() -> str:
     """A transformers-format copy of SmolLM2-135M-Instruct in the cache, converted from the GGUF on first use.
 
@@ -106,7 +91,7 @@ def _smollm2_local_dir() -> str:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    _atomic_save_dir(target, save)
+    atomic_write_dir(target, save, keep_existing=True)  # another process may win the race
     return target
 
 

@@ -32,7 +32,8 @@ import os
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig
+from ..outputs import atomic_write_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """``model_dtype`` config values -> torch dtypes."""
@@ -44,7 +45,7 @@ def quiet_bitsandbytes() -> None:
     """Raise the ``bitsandbytes`` and ``kernels`` loggers (``deal_train.QUIET_LOGGERS``) to ERROR, before anything
     imports bitsandbytes: its CPU-only warnings (missing CUDA library, missing ``kernels`` package, the Hub trust
     check of its kernels in offline mode) are not the user's problem. Errors still show."""
-    from . import QUIET_LOGGERS
+    from .. import QUIET_LOGGERS
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -90,19 +91,19 @@ def quantization_config(cfg: TrainConfig):
 def _pretrained_dir(name: str, tokenizer) -> str:
     """A directory ``from_pretrained`` can read for ``name``; the tiny random models are written once to the cache
     (``$DEAL_TRAIN_CACHE/<alias>``) since quantisation happens while transformers loads weights."""
-    from . import models
+    from . import loading
 
-    if name not in (models.TINY_LLAMA_ALIAS, models.TINY_T5_ALIAS):
-        return models.resolve_model_path(name)
-    target = os.path.join(models.cache_dir(), name)
+    if name not in (loading.TINY_LLAMA_ALIAS, loading.TINY_T5_ALIAS):
+        return loading.resolve_model_path(name)
+    target = os.path.join(loading.cache_dir(), name)
     if not os.path.isfile(os.path.join(target, "config.json")):
-        model = models.load_model(name, tokenizer)
+        model = loading.load_model(name, tokenizer)
 
         def save(tmp: str) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
-        models._atomic_save_dir(target, save)
+        atomic_write_dir(target, save, keep_existing=True)
     return target
 
 
@@ -118,17 +119,17 @@ def load_base_model(cfg: TrainConfig, tokenizer, device: torch.device, reentrant
     Raises:
         ConfigError: the model cannot be loaded, or quantisation is asked for without bitsandbytes.
     """
-    from . import models
+    from . import loading
 
     dtype = model_dtype(cfg)
     quant = quantization_config(cfg)
     if quant is None:
-        model = models.load_model(cfg.model, tokenizer, dtype, trust_remote_code=cfg.trust_remote_code,
+        model = loading.load_model(cfg.model, tokenizer, dtype, trust_remote_code=cfg.trust_remote_code,
                                   allow_pickle=cfg.allow_pickle_weights)
     else:
         from peft import prepare_model_for_kbit_training
 
-        model = models.load_pretrained(cfg.model, _pretrained_dir(cfg.model, tokenizer), tokenizer, dtype,
+        model = loading.load_pretrained(cfg.model, _pretrained_dir(cfg.model, tokenizer), tokenizer, dtype,
                                        cfg.trust_remote_code, cfg.allow_pickle_weights, quantization_config=quant,
                                        device_map={"": device})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -1,0 +1,1 @@
+"""Loading models and tokenizers, published architectures, precision and quantisation, the answer-token loss."""

@@ -1,0 +1,1 @@
+"""Training machinery: the continual loop, step checkpoints, distributed settings, evaluation, memory profiling."""
