@@ -138,3 +138,19 @@ def finished_run(tmp_path_factory):
 def finished_t5_run(tmp_path_factory):
     """``finished_t5_run(method)``: as ``finished_run``, on the tiny random T5 (encoder-decoder)."""
     return _run_cache(tmp_path_factory.mktemp("t5_runs"), TINY_T5_RUN)
+
+
+def forget_last_task(out) -> bytes:
+    """Simulate a crash during task 2 of a finished two-task run in ``out`` (a pathlib.Path): metrics.json says one
+    task is done and task 2's adapter was never written. Returns the bytes of the task-2 adapter it removed."""
+    import json
+    import shutil
+
+    final = (out / "adapters" / "2-amazon" / "adapter_model.safetensors").read_bytes()
+    saved = json.loads((out / "metrics.json").read_text())
+    saved.update(finished=False, completed_tasks=1, per_task=saved["per_task"][:1])
+    for row in saved["accuracy_matrix"]:
+        row[1] = None
+    (out / "metrics.json").write_text(json.dumps(saved))
+    shutil.rmtree(out / "adapters" / "2-amazon")
+    return final

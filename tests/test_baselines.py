@@ -24,6 +24,8 @@ from deal_train.methods.lwf import TEACHER_ADAPTER
 from deal_train.methods.o_lora import CAT_ADAPTER
 from deal_train.model.loading import load_model
 
+from conftest import forget_last_task
+
 BASELINES = ["o_lora", "per_task", "replay", "ewc", "lwf"]
 LORA_PARAMS = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))  # rank 4 on q_proj (64 -> 64) and v_proj (64 -> 32), 2 layers
 
@@ -159,13 +161,7 @@ def test_resume_after_task_1_gives_identical_results(finished_run, tmp_path, met
     cfg, metrics, _ = finished_run(method)
     out = tmp_path / method
     shutil.copytree(cfg.output_dir, out)
-    final = (out / "adapters" / "2-amazon" / "adapter_model.safetensors").read_bytes()
-    saved = json.loads((out / "metrics.json").read_text())
-    saved.update(finished=False, completed_tasks=1, per_task=saved["per_task"][:1])
-    for row in saved["accuracy_matrix"]:
-        row[1] = None
-    (out / "metrics.json").write_text(json.dumps(saved))
-    shutil.rmtree(out / "adapters" / "2-amazon")
+    final = forget_last_task(out)  # a crash during task 2
     resumed = loop.run(TrainConfig(**{**cfg.to_dict(), "output_dir": str(out)}))
     assert (out / "adapters" / "2-amazon" / "adapter_model.safetensors").read_bytes() == final
     assert resumed["accuracy_matrix"] == metrics["accuracy_matrix"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -19,6 +18,8 @@ from deal_train.data import Encoder, load_task
 from deal_train.train.evaluation import generate_predictions
 from deal_train.train.loop import run
 from deal_train.model.loading import load_model
+
+from conftest import forget_last_task
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(model="tiny-random-llama", tasks=["dbpedia", "amazon"], max_train_samples=12, max_test_samples=6,
@@ -114,14 +115,7 @@ def test_overwrite_starts_over_without_the_old_runs_later_tasks(tmp_path):
 def test_resume_after_interruption_gives_identical_results(tmp_path):
     cfg, metrics = _run(tmp_path, "deal")
     out = pathlib.Path(cfg.output_dir)
-    final = (out / "adapters" / "2-amazon" / "adapter_model.safetensors").read_bytes()
-    # simulate a crash during task 2: metrics say one task done, task 2's outputs never written
-    saved = json.loads((out / "metrics.json").read_text())
-    saved.update(finished=False, completed_tasks=1, per_task=saved["per_task"][:1])
-    for row in saved["accuracy_matrix"]:
-        row[1] = None
-    (out / "metrics.json").write_text(json.dumps(saved))
-    shutil.rmtree(out / "adapters" / "2-amazon")
+    final = forget_last_task(out)  # a crash during task 2
     resumed = run(cfg)
     assert (out / "adapters" / "2-amazon" / "adapter_model.safetensors").read_bytes() == final
     assert resumed["accuracy_matrix"] == metrics["accuracy_matrix"]
