@@ -88,7 +88,7 @@ def test_spectral_gains_follow_the_thin_svd_when_the_rank_exceeds_the_width():
     factor = DEALFactor(weight, transpose=False, num_scales=3, hidden=5, activation="gelu")
     layer = factor.retention.layers[0]
     assert layer.gains.shape == (3, 4) and layer.s.shape == (4,)
-    assert torch.equal(factor(weight), weight)  # identity at start
+    assert torch.equal(factor(weight), weight)  # identity at start: exact by construction (Y + a zero correction)
     with torch.no_grad():
         layer.gains.add_(0.5)
     out = factor(weight)
