@@ -210,3 +210,12 @@ def test_budget_warning_ignores_keys_a_run_predates(runs, tmp_path):
     path.write_text(json.dumps(metrics))
     warning = [line for line in results.budget_text(both()) if "do not share one budget" in line]
     assert len(warning) == 1 and "they differ in seed." in warning[0]
+
+
+def test_the_page_names_no_absolute_runs_folder():
+    from deal_train.tools.results import portable_paths
+
+    text = "--runs /data/x/results --output docs/results.md | `--output_dir /data/x/results/standard_order1 `"
+    assert portable_paths(text, "/data/x/results/") == \
+        "--runs $RESULTS_ROOT --output docs/results.md | `--output_dir $RESULTS_ROOT/standard_order1 `"
+    assert portable_paths("--runs outputs/results", "outputs/results") == "--runs outputs/results"  # relative: kept

@@ -529,7 +529,7 @@ def build(runs_root: str, output: str, figures: str | None = None, methods: Sequ
         "```", "scripts/reproduce_results.sh            # RESULTS_JOBS=2 runs two invocations at once", "```", "",
         *time_section(t_runs + c_runs, log, log_path, doc_dir),
     ]
-    text = "\n".join(lines) + "\n"
+    text = portable_paths("\n".join(lines) + "\n", runs_root)
     atomic_write_text(output, text)
     return text
 
@@ -543,6 +543,15 @@ def _int_list(text: str) -> list[int]:
 
 def _name_list(text: str) -> list[str]:
     return [v for v in text.replace(",", " ").split()]
+
+
+def portable_paths(text: str, runs_root: str) -> str:
+    """``text`` with an absolute ``runs_root`` (as given, and resolved) written as ``$RESULTS_ROOT``, the script's
+    variable: the page is committed and read on other machines, where this machine's folder means nothing."""
+    for root in sorted({runs_root, os.path.abspath(runs_root)}, key=len, reverse=True):
+        if os.path.isabs(root):
+            text = text.replace(root.rstrip("/"), "$RESULTS_ROOT")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
