@@ -113,9 +113,9 @@ def _run_cache(root, settings: dict):
             trained: list[list[int]] = []
             collate = task.collate_train
 
-            def recording_collate(features, pad_token_id):
+            def recording_collate(features, pad_token_id, shared_prefix=False):
                 trained.extend(list(f["input_ids"]) for f in features)
-                return collate(features, pad_token_id)
+                return collate(features, pad_token_id, shared_prefix)
 
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(task, "collate_train", recording_collate)

@@ -31,7 +31,7 @@ def collate_train(features: list[dict], pad_token_id: int, shared_prefix: bool =
     Returns:
         ``input_ids``, ``attention_mask`` and ``position_ids`` (batch × max_len, int64; positions count real
         tokens from 0) and ``labels`` (batch × max_len, -100 on prompt and padding positions); with
-        ``shared_prefix``, also ``shared_prefix`` (int).
+        ``shared_prefix``, also ``shared_prefix`` (0-dim int64 tensor).
     """
     if "decoder_input_ids" in features[0]:
         return collate_seq2seq_train(features, pad_token_id)
@@ -47,7 +47,8 @@ def collate_train(features: list[dict], pad_token_id: int, shared_prefix: bool =
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
     if shared_prefix:
-        batch["shared_prefix"] = shared_prefix_length(ids, mask, labels) if len(features) > 1 else 0
+        # a 0-dim tensor, so code that moves every value of a batch to a device keeps working
+        batch["shared_prefix"] = torch.tensor(shared_prefix_length(ids, mask, labels) if len(features) > 1 else 0)
     return batch
 
 

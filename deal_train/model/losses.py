@@ -39,7 +39,7 @@ def answer_forward(model, batch: dict):
     """
     if "decoder_input_ids" in batch:
         return seq2seq_forward(model, batch)
-    if batch.get("shared_prefix", 0) > 0:
+    if int(batch.get("shared_prefix", 0)) > 0:
         return shared_prefix_forward(model, batch)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=batch["position_ids"], use_cache=False, logits_to_keep=answer_window(batch["labels"]))

@@ -130,6 +130,9 @@ def supported(model) -> str | None:
     config = getattr(base, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder model (its prompt is the encoder's input)"
-    if getattr(base, "is_gradient_checkpointing", False):
+    # transformers 5 names it is_activation_checkpointing (is_gradient_checkpointing is a deprecated, warning alias)
+    name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    if getattr(base, name, False):
         return "gradient checkpointing (transformers drops the cache inside checkpointed layers)"
     return None
