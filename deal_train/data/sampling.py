@@ -59,9 +59,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return -(-len(self.lengths) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
+        # a generator function: nothing is drawn until the first batch is asked for, so the DataLoader draws its base
+        # seed from the same generator first whether it iterates this sampler or Accelerate's SkipBatchSampler
+        # around it (a resume inside an epoch); an eager draw at iter() would swap the two draws there
         n, size = len(self.lengths), self.batch_size
         if n == 0:
-            return iter(())
+            return
         order = torch.randperm(n, generator=self.generator).tolist()
         mega = self.group_size * size
         batches: list[list[int]] = []
@@ -74,7 +77,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             batches[0], batches[longest] = batches[longest], batches[0]
         else:  # the longest row is in the short last batch: swap just that row, so only the last batch is short
             batches[0][0], batches[longest][0] = batches[longest][0], batches[0][0]
-        return iter(batches)
+        yield from batches
 
 
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
