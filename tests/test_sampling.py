@@ -242,3 +242,18 @@ def test_a_two_process_grouped_run_completes(tmp_path):
     assert proc.stdout.count("length-grouped batches, padding") == 2, proc.stdout[-2000:]  # once per task
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] and metrics["config"]["group_by_length"] is True
+
+
+def test_t5_rows_are_grouped_by_encoder_plus_decoder_length(tiny_method, capsys):
+    cfg, datas, method, model = tiny_method("seq_lora", model="tiny-random-t5", max_train_samples=16,
+                                            per_device_train_batch_size=4, group_by_length=True)
+    feats = datas[0].train_features
+    assert "decoder_input_ids" in feats.column_names
+    setup = task.start_task(Accelerator(), Zero3(Accelerator()), model, method, datas[0], cfg, 0, 0)
+    sampler = _batch_sampler(setup.loader)
+    assert isinstance(sampler, LengthGroupedBatchSampler) and "task 1 dbpedia: length-grouped" in capsys.readouterr().out
+    assert sampler.lengths == [len(a) + len(b) for a, b in zip(feats["input_ids"], feats["decoder_input_ids"])]
+    batches = [b for b in setup.loader]
+    assert sum(b["input_ids"].shape[0] for b in batches) == 16 and "decoder_input_ids" in batches[0]
+    totals = [(b["attention_mask"].sum(-1) + b["decoder_attention_mask"].sum(-1)).tolist() for b in batches]
+    assert all(t == sorted(t, reverse=True) for t in totals[1:])  # each batch sorted, longest first
