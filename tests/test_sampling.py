@@ -257,3 +257,11 @@ def test_t5_rows_are_grouped_by_encoder_plus_decoder_length(tiny_method, capsys)
     assert sum(b["input_ids"].shape[0] for b in batches) == 16 and "decoder_input_ids" in batches[0]
     totals = [(b["attention_mask"].sum(-1) + b["decoder_attention_mask"].sum(-1)).tolist() for b in batches]
     assert all(t == sorted(t, reverse=True) for t in totals[1:])  # each batch sorted, longest first
+
+
+def test_the_longest_row_comes_first_even_from_the_short_last_batch():
+    lengths = [5] * 8 + [100]  # row 8 is the longest; find a seed whose shuffle leaves it alone in the last batch
+    seed = next(s for s in range(200) if torch.randperm(9, generator=torch.Generator().manual_seed(s))[-1] == 8)
+    batches = list(_sampler(lengths, batch=8, group=1, seed=seed))
+    assert [len(b) for b in batches] == [8, 1] and batches[0][0] == 8
+    assert sorted(batches[0] + batches[1]) == list(range(9))
