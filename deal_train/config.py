@@ -100,6 +100,12 @@ class TrainConfig:
     num_train_epochs: int = _f(1, "Epochs per task.")
     per_device_train_batch_size: int = _f(8, "Micro batch size per process.")
     gradient_accumulation_steps: int = _f(1, "Micro batches per optimizer step.")
+    group_by_length: bool = _f(False, "Batch training rows of similar token length together (less padding): "
+                                      "shuffle, sort by length within mega-batches of length_group_size micro "
+                                      "batches, longest batch first (as transformers' group_by_length). Off: the "
+                                      "plain seeded shuffle.")
+    length_group_size: int = _f(50, "With group_by_length: micro batches per mega-batch sorted by length (larger: "
+                                    "less padding, less mixing of lengths within the epoch).")
     mixed_precision: str = _f("", "Override Accelerate's mixed precision (no, fp16, bf16); empty keeps the "
                                   "accelerate config's value.")
     logging_steps: int = _f(1, "Log train/loss etc. to TensorBoard every N optimizer steps.")
@@ -315,7 +321,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("eval_split is 'validation' but validation_rows is 0: set validation_rows > 0 (e.g. 100).")
     positive = ["lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                 "max_source_length", "max_target_length", "max_new_tokens", "per_device_eval_batch_size",
-                "deal_scales", "deal_layers", "deal_mlp_hidden", "logging_steps", "max_nonfinite_steps", "ewc_fisher_batches"]
+                "deal_scales", "deal_layers", "deal_mlp_hidden", "logging_steps", "max_nonfinite_steps", "ewc_fisher_batches",
+                "length_group_size"]
     for name, typ, _default, _meta in config_fields():
         if typ is float and not math.isfinite(getattr(cfg, name)):
             raise ConfigError(f"Config key '{name}' must be a finite number, got {getattr(cfg, name)}.")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data import collate_train
 from ..data.prepare import TaskData
+from ..data.sampling import LengthGroupedBatchSampler, epoch_padding, row_lengths
 from ..methods.base import ContinualMethod
 from ..model import precision
 from ..model import prefix as shared_prefix
@@ -127,7 +128,8 @@ def train_task(accelerator: Accelerator, model, method: ContinualMethod, data: T
 def start_task(accelerator: Accelerator, zero3: Zero3, model, method: ContinualMethod, data: TaskData,
                cfg: TrainConfig, task_index: int, pad_token_id: int) -> TaskSetup:
     """The same seed at every task start (also after a resume), ``method.before_task``, AdamW over the method's
-    non-empty parameter groups, the loader of the task's rows plus its replayed rows (seeded shuffle), and
+    non-empty parameter groups, the loader of the task's rows plus its replayed rows (seeded shuffle, or
+    length-grouped batches with ``group_by_length``: ``data.sampling``), and
     ``accelerator.prepare`` of all three (``Zero3.prepare``).
 
     Raises:
@@ -144,7 +146,9 @@ def start_task(accelerator: Accelerator, zero3: Zero3, model, method: ContinualM
     use_prefix = use_shared_prefix(accelerator, model, cfg, data.task.name)
     train_set = concatenate_datasets([data.train_features, *data.replay_features]) if data.replay_features \
         else data.train_features
-    loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
+    order = dict(batch_size=cfg.per_device_train_batch_size, shuffle=True) if not cfg.group_by_length \
+        else dict(batch_sampler=length_grouped(accelerator, train_set, cfg, data.task.name, task_index, generator))
+    loader = DataLoader(train_set, **order,
                         generator=generator, collate_fn=lambda b: collate_train(b, pad_token_id, use_prefix))
     model, optimizer, loader = zero3.prepare(cfg, model, optimizer, loader)
     model.train()
@@ -173,6 +177,18 @@ def count_tokens(setup: TaskSetup, batch: dict) -> None:
     p = int(batch.get("shared_prefix", 0))
     setup.padded_tokens += rows * width
     setup.forward_tokens += p + rows * (width - p)
+
+
+def length_grouped(accelerator: Accelerator, train_set, cfg: TrainConfig, name: str, task_index: int,
+                   generator: torch.Generator) -> LengthGroupedBatchSampler:
+    """The ``group_by_length`` batch sampler over ``train_set`` (task rows plus replayed rows), drawing from the
+    task's data-order ``generator``; prints once per task the padding share of tokens with it and with the plain
+    shuffle (one epoch each, from a copy of the generator)."""
+    lengths = row_lengths(train_set)
+    grouped, shuffled = epoch_padding(lengths, cfg.per_device_train_batch_size, cfg.length_group_size, generator)
+    accelerator.print(f"task {task_index + 1} {name}: length-grouped batches, padding {100 * grouped:.1f} % of "
+                      f"tokens (shuffled order: {100 * shuffled:.1f} %)")
+    return LengthGroupedBatchSampler(lengths, cfg.per_device_train_batch_size, cfg.length_group_size, generator)
 
 
 def windows(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
