@@ -158,11 +158,11 @@ def _recorded_run(out, crash_at: int | None = None) -> list[list[int]]:
     trained: list[list[list[int]]] = []
     collate = task.collate_train
 
-    def recording_collate(features, pad_token_id):
+    def recording_collate(features, pad_token_id, shared_prefix=False):
         if crash_at is not None and len(trained) == crash_at:
             raise Crash()
         trained.append([list(f["input_ids"]) for f in features])
-        return collate(features, pad_token_id)
+        return collate(features, pad_token_id, shared_prefix)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(task, "collate_train", recording_collate)
