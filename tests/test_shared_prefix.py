@@ -197,3 +197,11 @@ def test_encoder_decoder_models_keep_the_full_pass(tokenizer):
 
     t5 = load_model("tiny-random-t5", tokenizer)
     assert "encoder-decoder" in prefix.supported(t5)
+
+
+def test_a_run_may_resume_with_the_switch_flipped_but_not_with_another_batch_order():
+    base = TrainConfig(method="deal", **TINY_RUN)
+    flipped = TrainConfig(method="deal", shared_prefix=False, **TINY_RUN)
+    grouped = TrainConfig(method="deal", group_by_length=True, **TINY_RUN)
+    assert loop.comparable_config(base.to_dict()) == loop.comparable_config(flipped.to_dict())
+    assert loop.comparable_config(base.to_dict()) != loop.comparable_config(grouped.to_dict())

@@ -42,8 +42,9 @@ from .profiling import memory_phase, memory_scalars, memory_stats, ru_maxrss_byt
 from .task import TrainingError, train_task
 
 RESUME_IGNORED_KEYS = frozenset({"output_dir", "overwrite_output_dir", "logging_steps", "per_device_eval_batch_size",
-                                 "checkpoint_every_steps", "resume_from"})
-"""Config keys that may differ between a partial run and the command that resumes it."""
+                                 "checkpoint_every_steps", "resume_from", "shared_prefix"})
+"""Config keys that may differ between a partial run and the command that resumes it (``shared_prefix`` changes
+only float rounding: docs/design.md section 8)."""
 
 
 @dataclass
