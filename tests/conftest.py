@@ -154,3 +154,26 @@ def forget_last_task(out) -> bytes:
     (out / "metrics.json").write_text(json.dumps(saved))
     shutil.rmtree(out / "adapters" / "2-amazon")
     return final
+
+
+def varied_tiny_llama(tokenizer):
+    """A tiny LLaMA whose untied, large random output layer gives varied tokens (the tied test model only repeats its
+    input), with a rank-4 LoRA of non-zero B on q/v, so padding, position or mask errors would change the argmax."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from deal_train.model.loading import tiny_llama_config
+
+    config = tiny_llama_config(tokenizer)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        base.lm_head.weight.normal_(0.0, 1.0)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    return model

@@ -13,19 +13,16 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaForCausalLM
 
 from deal_train.config import TrainConfig
 from deal_train.data import Encoder, collate_train, load_task, read_rows
 from deal_train.methods import REGISTRY
 from deal_train.model import prefix
-from deal_train.model.loading import tiny_llama_config
 from deal_train.model.losses import answer_forward, token_cross_entropy_sum
 from deal_train.train import loop
 from deal_train.train.evaluation import common_prefix_length, generate_predictions
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, varied_tiny_llama
 
 REL = 1e-5
 
@@ -135,25 +132,8 @@ def test_replay_batches_mixing_tasks_share_a_shorter_prefix(tiny_method, tokeniz
                  _loss_and_grads(model, method, mixed))
 
 
-def _varied_model(tokenizer):
-    """A tiny LLaMA whose untied, large random output layer gives varied tokens, with a non-zero LoRA B (as in
-    test_batching.py), so position or mask errors would change the argmax."""
-    config = tiny_llama_config(tokenizer)
-    config.tie_word_embeddings = False
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        base.lm_head.weight.normal_(0.0, 1.0)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.02)
-    return model
-
-
 def test_evaluation_from_the_cached_prefix_gives_identical_predictions(tokenizer, data_dir):
-    model = _varied_model(tokenizer)
+    model = varied_tiny_llama(tokenizer)
     task = load_task(data_dir, "yahoo")
     rows = sorted(read_rows(task, "test"), key=lambda r: len(r["sentence"]))
     rows = rows[:5] + rows[-5:]  # short and long questions, so batches mix lengths
