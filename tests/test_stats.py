@@ -70,10 +70,37 @@ def test_read_exact_match_plain_and_gzip(tmp_path):
     rows = [{"index": 1, "prediction": "b", "label": "a", "exact_match": 0.0},
             {"index": 0, "prediction": "a", "label": "a", "exact_match": 1.0}]
     text = "".join(json.dumps(r) + "\n" for r in rows)
-    (tmp_path / "0-x.jsonl").write_text(text)
-    with gzip.open(tmp_path / "1-y.jsonl.gz", "wt") as f:
+    (tmp_path / "1-x.jsonl").write_text(text)
+    with gzip.open(tmp_path / "2-y.jsonl.gz", "wt") as f:
         f.write(text)
     assert stats.read_exact_match(stats.find_prediction_file(str(tmp_path), 0, "x")).tolist() == [1.0, 0.0]
     assert stats.read_exact_match(stats.find_prediction_file(str(tmp_path), 1, "y")).tolist() == [1.0, 0.0]
-    with pytest.raises(FileNotFoundError, match="2-z.jsonl"):
+    with pytest.raises(FileNotFoundError, match="3-z.jsonl"):
         stats.find_prediction_file(str(tmp_path), 2, "z")
+
+
+def test_significance_sentence_claims_only_when_the_interval_excludes_zero():
+    a = [_rows(n, int(0.8 * n)) for n in ROWS]
+    b = [_rows(n, int(0.7 * n)) for n in ROWS]
+    c = [np.roll(x, 50) for x in a]
+    yes = stats.significance_sentence("deal", "seq_lora", stats.paired_difference_interval(a, b, n_resamples=2000))
+    no = stats.significance_sentence("deal", "seq_lora", stats.paired_difference_interval(a, c, n_resamples=2000))
+    assert "is above `seq_lora`" in yes and "excludes 0" in yes
+    assert "cannot be told apart" in no and "contains 0" in no
+
+
+def test_run_row_scores_reads_a_run_folder(tmp_path):
+    from deal_train.outputs.layout import RunLayout
+    from deal_train.outputs.writing import write_predictions
+
+    tasks = ["a", "b"]
+    lay = RunLayout(str(tmp_path))
+    for t, task in enumerate(tasks):
+        for i in range(t + 1):
+            em = [1.0, 0.0, float(t == i)]
+            write_predictions(RunLayout.prediction_file(lay.predictions(t, task), i, tasks[i]),
+                              [{"index": k, "prediction": "", "label": "", "exact_match": e, "rouge1": e}
+                               for k, e in enumerate(em)])
+    final, diag = stats.run_row_scores(str(tmp_path), tasks)
+    assert [f.tolist() for f in final] == [[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]]
+    assert [d.tolist() for d in diag] == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]

@@ -151,12 +151,38 @@ def read_exact_match(path: str) -> np.ndarray:
 
 
 def find_prediction_file(folder: str, i: int, task: str) -> str:
-    """The predictions file of task ``i`` in ``folder`` (``<i>-<task>.jsonl`` or ``.jsonl.gz``).
-
-    Raises FileNotFoundError naming both candidates.
+    """The predictions file of task ``i`` (0-based) in ``folder``: ``<i+1>-<task>.jsonl`` or ``.jsonl.gz``
+    (``RunLayout.prediction_file``). Raises FileNotFoundError naming both candidates.
     """
-    base = os.path.join(folder, f"{i}-{task}.jsonl")
+    from deal_train.outputs.layout import RunLayout
+
+    base = RunLayout.prediction_file(folder, i, task)
     for p in (base, base + ".gz"):
         if os.path.isfile(p):
             return p
     raise FileNotFoundError(f"no predictions for task {i} ({task}): neither {base} nor {base}.gz exists")
+
+
+def run_row_scores(run_dir: str, tasks: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-row exact matches of a finished run: (final[i] after the last task, diag[i] right after task i).
+
+    Reads ``<run_dir>/predictions/after_<t>-<task>/<i>-<task>.jsonl[.gz]`` (outputs/layout.py). Raises
+    FileNotFoundError naming the missing file.
+    """
+    from deal_train.outputs.layout import RunLayout
+
+    layout = RunLayout(run_dir)
+    last = len(tasks) - 1
+    final = [read_exact_match(find_prediction_file(layout.predictions(last, tasks[last]), i, t))
+             for i, t in enumerate(tasks)]
+    diag = [read_exact_match(find_prediction_file(layout.predictions(i, t), i, t)) for i, t in enumerate(tasks)]
+    return final, diag
+
+
+def significance_sentence(name: str, ref: str, iv: Interval) -> str:
+    """One verdict sentence on AA(name) - AA(ref): a ranking claim only when the 95% interval excludes 0."""
+    diff = f"{100 * iv.estimate:+.1f} points (95% CI {100 * iv.low:+.1f} to {100 * iv.high:+.1f})"
+    if iv.excludes_zero:
+        word = "above" if iv.estimate > 0 else "below"
+        return f"`{name}` is {word} `{ref}` in AA: {diff}; the interval excludes 0."
+    return f"`{name}` and `{ref}` cannot be told apart in AA: {diff}; the interval contains 0."
