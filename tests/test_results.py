@@ -219,3 +219,22 @@ def test_the_page_names_no_absolute_runs_folder():
     assert portable_paths(text, "/data/x/results/") == \
         "--runs $RESULTS_ROOT --output docs/results.md | `--output_dir $RESULTS_ROOT/standard_order1 `"
     assert portable_paths("--runs outputs/results", "outputs/results") == "--runs outputs/results"  # relative: kept
+
+
+def test_uncertainty_section_from_real_runs(runs, tmp_path):
+    out = tmp_path / "results.md"
+    assert results.main(["--runs", str(runs), "--output", str(out)]) == 0
+    md = out.read_text()
+    section = md.split("## Uncertainty", 1)[1].split("\n## ", 1)[0]
+    assert "10,000 resamples" in section and "from the finished runs" in section
+    assert "| `deal` | 1 |" in section and "| `seq_lora` | 1 |" in section
+    assert "Order 1: `deal`" in section and ("excludes 0" in section or "contains 0" in section)
+
+
+def test_uncertainty_section_power_without_runs(tmp_path):
+    out = tmp_path / "results.md"
+    (tmp_path / "runs").mkdir()
+    assert results.main(["--runs", str(tmp_path / "runs"), "--output", str(out)]) == 0
+    md = out.read_text()
+    assert "500, 500, 439, 500 test rows (from the paper budget" in md
+    assert f"{100 * results.stats.aa_standard_error([500, 500, 439, 500]):.2f} points" in md

@@ -30,6 +30,7 @@ import statistics
 import sys
 from typing import Sequence
 
+from . import stats
 from .compare import format_duration, run_summary
 from ..config import with_legacy_defaults
 from ..methods import METHOD_NAMES, is_foreign_key, method_class, method_with_role, methods_with
@@ -487,6 +488,65 @@ def time_section(all_runs: Sequence[Run], log: list[dict], log_path: str, doc_di
     return lines
 
 
+# --- uncertainty: power calculation, bootstrap intervals, paired differences ----------------------------------
+PAPER_TEST_ROWS = [500, 500, 439, 500]  # standard benchmark: dbpedia, amazon, yahoo, agnews (all test rows)
+ASSUMED_DISAGREEMENT = 0.2
+
+
+def uncertainty_section(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Sequence[int]) -> list[str]:
+    """Markdown: the power calculation (from the finished runs' test-row counts, else the paper budget's), then per
+    method and order AA and BWT with 95% bootstrap intervals and the paired AA difference against DEAL and against
+    SeqLoRA, each with a verdict sentence that ranks only where the interval excludes 0. Runs without per-row
+    predictions are listed as such; nothing raises for them."""
+    scores: dict[tuple[str, int], tuple] = {}
+    missing = []
+    for m in methods:
+        for o in orders:
+            r = table[m][o]
+            if not r.finished:
+                continue
+            try:
+                scores[(m, o)] = stats.run_row_scores(os.path.dirname(r.path), r.metrics["tasks"])
+            except (OSError, ValueError) as err:
+                missing.append(f"`{m}` order {o} ({str(err)[:100]})")
+    rows = [len(x) for x in next(iter(scores.values()))[0]] if scores else PAPER_TEST_ROWS
+    source = "the finished runs" if scores else "the paper budget (no finished run with predictions yet)"
+    se = stats.aa_standard_error(rows)
+    se_d = stats.paired_difference_standard_error(rows, ASSUMED_DISAGREEMENT)
+    lines = [f"Power: {len(rows)} tasks with {', '.join(map(str, rows))} test rows (from {source}). The binomial "
+             f"standard error of one AA at p = 0.5 is {100 * se:.2f} points; of a paired AA difference, assuming the "
+             f"two methods disagree on {ASSUMED_DISAGREEMENT:.0%} of rows, {100 * se_d:.2f} points, so one order "
+             f"resolves differences of about {100 * 1.96 * se_d:.1f} points (95%).", "",
+             f"Intervals: 95% percentile bootstrap (`scipy.stats.bootstrap`, {stats.N_RESAMPLES:,} resamples) over "
+             f"each task's test rows; paired differences resample the same rows for both methods.", ""]
+    plain = method_with_role("plain")
+    if scores:
+        lines += ["| method | order | AA (95% CI) | BWT (95% CI) | AA − DEAL (95% CI) | AA − SeqLoRA (95% CI) |",
+                  "|---|---|---|---|---|---|"]
+        verdicts = []
+        for (m, o), (final, diag) in scores.items():
+            aa, bwt = stats.aa_interval(final), stats.bwt_interval(final, diag)
+            cells = []
+            for ref in (PROPOSED, plain):
+                if ref == m or (ref, o) not in scores:
+                    cells.append("—")
+                    continue
+                cells.append(_ci(stats.paired_difference_interval(final, scores[(ref, o)][0]), signed=True))
+            if m != PROPOSED and (PROPOSED, o) in scores:
+                iv = stats.paired_difference_interval(scores[(PROPOSED, o)][0], final)
+                verdicts.append(f"Order {o}: " + stats.significance_sentence(PROPOSED, m, iv))
+            lines.append(f"| `{m}` | {o} | {_ci(aa)} | {_ci(bwt, signed=True)} | {cells[0]} | {cells[1]} |")
+        lines += ["", *verdicts]
+    if missing:
+        lines += ["", "No per-row predictions for: " + "; ".join(missing) + "."]
+    return lines
+
+
+def _ci(iv: stats.Interval, signed: bool = False) -> str:
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(100 * iv.estimate)} ({f.format(100 * iv.low)} to {f.format(100 * iv.high)})"
+
+
 def build(runs_root: str, output: str, figures: str | None = None, methods: Sequence[str] = TABLE_METHODS,
           orders: Sequence[int] = TABLE_ORDERS, curve_methods: Sequence[str] = CURVE_METHODS,
           curve_rows: Sequence[int] = CURVE_ROWS, log_path: str | None = None) -> str:
@@ -515,6 +575,7 @@ def build(runs_root: str, output: str, figures: str | None = None, methods: Sequ
         + ("." if n_done == len(t_runs) and c_done == len(c_runs) else
            " — the page is incomplete; rerun the script to continue (finished runs are read back, not rerun)."),
         "", "## Verdict", "", *verdict(table, methods, orders),
+        "", "## Uncertainty", "", *uncertainty_section(table, methods, orders),
         "", "## Budget", "",
         f"One budget for every method and order: benchmark `standard`, orders {', '.join(map(str, orders))}, each "
         f"method run by `python -m deal_train.compare` in a process of its own.",
