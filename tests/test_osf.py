@@ -141,3 +141,67 @@ def test_quantised_base_is_refused(key):
 def test_bad_preserved_fractions_are_refused(first, last):
     with pytest.raises(ConfigError, match="osf_preserved_first .* must satisfy 0 < first <= last < 1"):
         get_method(TrainConfig(method="osf", osf_preserved_first=first, osf_preserved_last=last))
+
+
+def test_tiny_t5_two_task_run_and_stock_peft(finished_t5_run, tokenizer):
+    """OSF wraps T5's q and v (64 x 64, 12 matrices) and its task-2 adapter, loaded by stock PEFT over the merged
+    task-1 adapter, reproduces the run's task-2 answers."""
+    cfg, metrics, _ = finished_t5_run("osf")
+    out = pathlib.Path(cfg.output_dir)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["finished"] and saved["config"]["target_modules"] == ["q", "v"]
+    assert [p["trainable_parameters"] for p in saved["per_task"]] == [12 * (64 - 19) * 129, 12 * (64 - 44) * 129]
+    adapters = [out / "adapters" / "1-dbpedia", out / "adapters" / "2-amazon"]
+    assert json.loads((adapters[1] / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
+    assert _predictions(_stock_model(tokenizer, cfg, adapters), tokenizer, cfg, 1) == \
+        _saved_predictions(out, "after_2-amazon", "2-amazon.jsonl")
+
+
+# --- distributed profiles (2 CPU processes over gloo, as tests/test_distributed.py) --------------------------------
+
+DIST_TOL = 1e-5  # float32 adapters; task 2's factors come from an SVD of the merged task-1 weights
+
+
+def _osf_launch(profile: str, out, *extra: str):
+    from test_distributed import _launch
+
+    return _launch(profile, out, "--method", "osf", "--per_device_train_batch_size", "2", *extra)
+
+
+@pytest.mark.parametrize("profile,extra", [("multi_cpu", ()), ("deepspeed_zero2", ("--mixed_precision", "no"))])
+def test_ddp_and_zero2_two_processes_equal_one_process(profile, extra, finished_run, tmp_path):
+    """2 processes x 2 rows give the adapters of the one-process run with 4 rows (``finished_run``), task by task."""
+    from safetensors.torch import load_file
+
+    cfg, ref_metrics, _ = finished_run("osf")
+    _osf_launch(profile, tmp_path / profile, *extra)
+    metrics = json.loads((tmp_path / profile / "metrics.json").read_text())
+    assert metrics["finished"] and [p["optimizer_steps"] for p in metrics["per_task"]] == [2, 2]
+    for task in ("1-dbpedia", "2-amazon"):
+        got = load_file(tmp_path / profile / "adapters" / task / "adapter_model.safetensors")
+        want = load_file(pathlib.Path(cfg.output_dir) / "adapters" / task / "adapter_model.safetensors")
+        assert got.keys() == want.keys() and any("S_low" in k for k in want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=DIST_TOL, rtol=0, msg=f"{profile} {task} {k}")
+
+
+def test_zero3_is_refused_with_the_profiles_to_use(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_distributed import ARGS, _free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    port = str(_free_port())
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"), "--main_process_port", port,
+                           "--num_processes", "2", "-m", "deal_train", *ARGS, "--method", "osf",
+                           "--per_device_train_batch_size", "2", "--mixed_precision", "no",
+                           "--output_dir", str(tmp_path / "z3")],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert proc.returncode != 0
+    assert "method osf cannot run under DeepSpeed ZeRO-3" in proc.stdout + proc.stderr
+    assert "deepspeed_zero2.yaml" in proc.stdout + proc.stderr
+    assert not (tmp_path / "z3" / "adapters" / "1-dbpedia").exists()

@@ -132,7 +132,8 @@ class OSF(ContinualMethod):
         if is_deepspeed_zero3_enabled() or any(is_zero3(w) for w in weights):
             raise ConfigError("method osf cannot run under DeepSpeed ZeRO-3: OSF takes the SVD of each whole target "
                               "weight and merges each task's update into it, but ZeRO-3 shards the weights. Use "
-                              "accelerate_configs/deepspeed_zero2.yaml, DDP (multi_gpu.yaml) or one GPU.")
+                              "accelerate_configs/deepspeed_zero2.yaml, DDP (multi_gpu_bf16.yaml, multi_cpu.yaml) or one "
+                              "GPU.")
 
     def wrap(self, base_model: torch.nn.Module) -> PeftModel:
         """Wrap the frozen base with OSF on ``target_modules`` (empty: PEFT's LoRA defaults for the model type, so
