@@ -169,20 +169,28 @@ def _osf_launch(profile: str, out, *extra: str):
 
 
 @pytest.mark.parametrize("profile,extra", [("multi_cpu", ()), ("deepspeed_zero2", ("--mixed_precision", "no"))])
-def test_ddp_and_zero2_two_processes_equal_one_process(profile, extra, finished_run, tmp_path):
-    """2 processes x 2 rows give the adapters of the one-process run with 4 rows (``finished_run``), task by task."""
+def test_ddp_and_zero2_two_processes_equal_one_process(profile, extra, finished_run, tokenizer, tmp_path):
+    """2 processes x 2 rows give the one-process run with 4 rows (``finished_run``): task 1's adapter tensor by
+    tensor, the model after task 2 by its logits."""
     from safetensors.torch import load_file
 
     cfg, ref_metrics, _ = finished_run("osf")
     _osf_launch(profile, tmp_path / profile, *extra)
     metrics = json.loads((tmp_path / profile / "metrics.json").read_text())
     assert metrics["finished"] and [p["optimizer_steps"] for p in metrics["per_task"]] == [2, 2]
-    for task in ("1-dbpedia", "2-amazon"):
-        got = load_file(tmp_path / profile / "adapters" / task / "adapter_model.safetensors")
-        want = load_file(pathlib.Path(cfg.output_dir) / "adapters" / task / "adapter_model.safetensors")
-        assert got.keys() == want.keys() and any("S_low" in k for k in want)
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], atol=DIST_TOL, rtol=0, msg=f"{profile} {task} {k}")
+    got = load_file(tmp_path / profile / "adapters" / "1-dbpedia" / "adapter_model.safetensors")
+    want = load_file(pathlib.Path(cfg.output_dir) / "adapters" / "1-dbpedia" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and any("S_low" in k for k in want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=DIST_TOL, rtol=0, msg=f"{profile} 1-dbpedia {k}")
+    # task 2's factors come from an SVD of the merged weights, whose basis is not unique under ~1e-7 changes
+    # (measured: V_low differs); the model they define must agree
+    runs = [tmp_path / profile, pathlib.Path(cfg.output_dir)]
+    models = [_stock_model(tokenizer, cfg, [r / "adapters" / "1-dbpedia", r / "adapters" / "2-amazon"]) for r in runs]
+    ids = torch.arange(5, 45).reshape(2, 20)
+    with torch.no_grad():
+        logits = [m(input_ids=ids).logits for m in models]
+    torch.testing.assert_close(logits[0], logits[1], atol=DIST_TOL, rtol=0)
 
 
 def test_zero3_is_refused_with_the_profiles_to_use(tmp_path):
