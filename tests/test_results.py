@@ -106,7 +106,12 @@ def test_results_page_numbers_figures_and_missing_runs(runs, tmp_path):
 
     # the verdict, recomputed: best non-oracle method by mean AA and DEAL's gap to it
     mean = {m: sum(v) / len(v) for m, v in aa.items()}
-    if mean["deal"] > mean["seq_lora"] + 1e-9:
+    # 4 test rows per task: the paired interval contains 0, so the verdict makes no ranking claim
+    if "**No ranking claim between DEAL and `seq_lora`**" in md:
+        assert (f"is {mean['deal']:.1f}% for DEAL and {mean['seq_lora']:.1f}% for `seq_lora` "
+                f"({mean['deal'] - mean['seq_lora']:+.1f} points), but the paired 95% interval") in md
+        assert "DEAL has the best mean AA" not in md and "trails it by" not in md
+    elif mean["deal"] > mean["seq_lora"] + 1e-9:
         assert (f"leading the next best, `seq_lora` ({mean['seq_lora']:.1f}%), by "
                 f"{mean['deal'] - mean['seq_lora']:.1f} points") in md
     elif mean["seq_lora"] > mean["deal"] + 1e-9:
