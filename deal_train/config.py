@@ -202,6 +202,10 @@ class TrainConfig:
     ewc_fisher_batches: int = _f(8, "EWC: training micro batches of a finished task used to estimate its Fisher.")
     lwf_temperature: float = _f(2.0, "LwF: softmax temperature of the distillation from the model before the task.")
     lwf_weight: float = _f(1.0, "LwF: weight of the distillation KL on the answer tokens.")
+    osf_preserved_first: float = _f(0.3, "OSF: fraction of each target matrix's smaller dimension whose top "
+                                         "singular directions are frozen (preserved) on task 1; the rest is trained.")
+    osf_preserved_last: float = _f(0.7, "OSF: the preserved fraction on the last task; task t of T preserves "
+                                        "first + (last - first) * t / (T - 1) (PEFT's example: 0.3, 0.5, 0.7).")
 
     # --- profiling (deal_train.profiling) ---------------------------------------------------------
     profile_memory: bool = _f(False, "Measure each task's peak memory while training and while evaluating (CUDA: "

@@ -42,7 +42,11 @@ def test_compare_runs_missing_methods_and_writes_one_row_each(finished_run, tmp_
         assert row["average_accuracy_after_task"] == [p["average_accuracy_so_far"] for p in metrics["per_task"]]
     md = (root / "comparison.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| Method | AA (%) | BWT (%) | ROUGE-1 (%) | Trainable params | Wall time | Peak RSS |")
+    assert table[0].startswith("| Method | AA (%) [95% CI] | BWT (%) [95% CI] | ROUGE-1 (%) | Trainable params |")
+    for row, line in zip(result["methods"], table[1:3]):
+        lo, hi = row["average_accuracy_ci"]
+        assert lo <= row["average_accuracy"] <= hi and row["backward_transfer_ci"] is not None
+        assert f"[{lo:.1f}, {hi:.1f}]" in line.split(" | ")[1]
     assert [line.split(" | ")[0] for line in table[1:3]] == ["| per_task", "| seq_lora"]
     assert "![" in md and (root / "comparison.png").stat().st_size > 1000
 

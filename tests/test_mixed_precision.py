@@ -26,7 +26,8 @@ def _check(model, dtype, where):
     assert not bad, f"{where}: not float32: {bad[:5]}"
     adapters = adapter_parameters(model)
     assert adapters, where
-    base = [p for n, p in model.named_parameters() if "lora_" not in n and "parametrizations" not in n]
+    base = [p for n, p in model.named_parameters()
+            if "lora_" not in n and "parametrizations" not in n and "osf_svd_params" not in n]
     assert base and all(p.dtype == dtype for p in base), f"{where}: the base model is not {dtype}"
 
 

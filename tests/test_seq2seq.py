@@ -21,7 +21,7 @@ from deal_train.methods.adapters import lora_layers
 from deal_train.methods.lwf import TEACHER_ADAPTER
 from deal_train.model.loading import default_target_modules, load_model, model_config, with_model_defaults
 
-METHODS = ["seq_lora", "deal", "o_lora", "per_task", "replay", "ewc", "lwf"]
+METHODS = ["seq_lora", "deal", "o_lora", "per_task", "replay", "ewc", "lwf"]  # osf: its own T5 run in test_osf.py (it trains a residual subspace, not r)
 BASELINES = ["o_lora", "per_task", "replay", "ewc", "lwf"]
 # rank 4 on q and v (64 -> 64 each): 2 encoder layers x (q, v) + 2 decoder layers x (self q, v + cross q, v)
 T5_LORA = 12 * 4 * (64 + 64)

@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "replay": "replay:Replay",
     "ewc": "ewc:EWC",
     "lwf": "lwf:LwF",
+    "osf": "osf:OSF",
 }
 """Method name (the ``method`` config value) -> ``module:Class`` in ``deal_train.methods``."""
 
@@ -99,6 +100,6 @@ def __getattr__(attr: str):
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-__all__ = ["METHODS", "METHOD_NAMES", "REGISTRY", "ContinualMethod", "DEAL", "EWC", "LwF", "OLoRA", "PerTaskFT",
+__all__ = ["METHODS", "METHOD_NAMES", "REGISTRY", "ContinualMethod", "DEAL", "EWC", "LwF", "OLoRA", "OSF", "PerTaskFT",
            "Replay", "SeqLoRA", "check_method_name", "get_method", "is_foreign_key", "method_class",
            "method_with_role", "methods_with"]

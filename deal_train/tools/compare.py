@@ -115,9 +115,39 @@ def run_summary(metrics: dict) -> dict:
     }
 
 
+def run_intervals(output_dir: str, tasks: list[str]) -> dict:
+    """95% bootstrap intervals of a finished run's AA and BWT from its per-row predictions (``tools/stats.py``:
+    test rows resampled per task, 10,000 resamples, percentile method, seed 0).
+
+    Returns:
+        ``average_accuracy_ci`` and ``backward_transfer_ci``: ``[low, high]`` in % (BWT None for one task), both
+        None when a predictions file is missing (a run written before predictions were kept).
+    """
+    from . import stats
+
+    try:
+        final, diag = stats.run_row_scores(output_dir, tasks)
+    except FileNotFoundError:
+        return {"average_accuracy_ci": None, "backward_transfer_ci": None}
+    aa = stats.aa_interval(final)
+    bwt = stats.bwt_interval(final, diag) if len(tasks) > 1 else None
+    return {"average_accuracy_ci": [100 * aa.low, 100 * aa.high],
+            "backward_transfer_ci": [100 * bwt.low, 100 * bwt.high] if bwt else None}
+
+
 def summary_row(method: str, metrics: dict, output_dir: str) -> dict:
-    """One method's comparison row: ``method``, the keys of ``run_summary`` and ``output_dir``."""
-    return {"method": method, **run_summary(metrics), "output_dir": output_dir}
+    """One method's comparison row: ``method``, the keys of ``run_summary``, the intervals of ``run_intervals``
+    and ``output_dir``."""
+    return {"method": method, **run_summary(metrics), **run_intervals(output_dir, metrics["tasks"]),
+            "output_dir": output_dir}
+
+
+def format_interval(ci: list[float] | None, signed: bool = False) -> str:
+    """``[low, high]`` in % as `` [48.1, 56.5]`` (signed for BWT); empty when there is no interval."""
+    if ci is None:
+        return ""
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    return f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
 def run_or_read(cfgs: Sequence[TrainConfig], labels: Sequence[str]) -> tuple[list[dict], bool]:
@@ -171,18 +201,22 @@ def comparison_markdown(base: TrainConfig, tasks: list[str], rows: list[dict], p
         f"batch {base.per_device_train_batch_size} × {base.gradient_accumulation_steps} accumulation, "
         f"{base.num_train_epochs} epoch(s) per task.",
         "",
-        "| Method | AA (%) | BWT (%) | ROUGE-1 (%) | Trainable params | Wall time | Peak RSS |",
+        "| Method | AA (%) [95% CI] | BWT (%) [95% CI] | ROUGE-1 (%) | Trainable params | Wall time | Peak RSS |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {format_pct(r['average_accuracy'])} | "
-                     f"{format_pct(r['backward_transfer'], True)} | {format_pct(r['average_rouge1'])} | "
+        lines.append(f"| {r['method']} | {format_pct(r['average_accuracy'])}"
+                     f"{format_interval(r.get('average_accuracy_ci'))} | "
+                     f"{format_pct(r['backward_transfer'], True)}{format_interval(r.get('backward_transfer_ci'), True)}"
+                     f" | {format_pct(r['average_rouge1'])} | "
                      f"{r['trainable_parameters']:,} | {format_duration(r['wall_seconds'])} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB |")
     lines += [
         "",
         "AA: mean exact match over all tasks after the last task. BWT: mean over the earlier tasks of the final "
-        "exact match minus the one just after training that task. ROUGE-1: mean ROUGE-1 F1 after the last task. "
+        "exact match minus the one just after training that task. [95% CI]: bootstrap interval over the test rows "
+        "(resampled per task, 10,000 resamples; BWT resamples the per-row difference; no interval where a run kept no "
+        "predictions). ROUGE-1: mean ROUGE-1 F1 after the last task. "
         "Trainable params: the most any task trained. Wall time: training and evaluation, summed over tasks. "
         "Peak RSS: peak resident memory of the process during the run"
         + ("." if peak_reset else " (could not be reset between methods run in one process: a later method's "

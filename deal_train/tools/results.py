@@ -30,6 +30,7 @@ import statistics
 import sys
 from typing import Sequence
 
+from . import stats
 from .compare import format_duration, run_summary
 from ..config import with_legacy_defaults
 from ..methods import METHOD_NAMES, is_foreign_key, method_class, method_with_role, methods_with
@@ -172,6 +173,20 @@ def learned_accuracy(run: Run) -> float:
     return statistics.fmean(acc[i][i] for i in range(len(acc)))
 
 
+def paired_intervals(table: dict[str, dict[int, Run]], a: str, b: str, orders: Sequence[int]) -> dict:
+    """Order -> ``stats.Interval`` of AA(a) - AA(b) (fractions; rows paired, ``stats.paired_difference_interval``)
+    from both runs' per-row predictions, or None where either run has none or they score different rows."""
+    out = {}
+    for o in orders:
+        try:
+            fa = stats.run_row_scores(os.path.dirname(table[a][o].path), table[a][o].metrics["tasks"])[0]
+            fb = stats.run_row_scores(os.path.dirname(table[b][o].path), table[b][o].metrics["tasks"])[0]
+            out[o] = stats.paired_difference_interval(fa, fb)
+        except (OSError, ValueError):
+            out[o] = None
+    return out
+
+
 def verdict(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Sequence[int]) -> list[str]:
     """Markdown paragraphs that rank the non-oracle methods by mean AA over ``orders`` and say by how much DEAL
     leads or trails the best other one, in which orders, on which tasks, and whether from forgetting (BWT) or
@@ -192,7 +207,20 @@ def verdict(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Se
     best = by_aa[0]
     deal_aa = mean_aa[PROPOSED]
     lines = []
-    if best == PROPOSED or math.isclose(mean_aa[best], deal_aa):
+    ref0 = best if best != PROPOSED else next(m for m in by_aa if m != PROPOSED)
+    ivs = paired_intervals(table, PROPOSED, ref0, orders)
+    signs = {iv.estimate > 0 for iv in ivs.values() if iv is not None and iv.excludes_zero}
+    settled = all(iv is not None and iv.excludes_zero for iv in ivs.values()) and len(signs) == 1
+    if not settled:
+        open_orders = [str(o) for o, iv in ivs.items() if iv is None or not iv.excludes_zero]
+        why = (f"the paired 95% interval of the difference contains 0 (or there are no per-row predictions) in "
+               f"order(s) {', '.join(open_orders)}" if open_orders else
+               "the paired 95% intervals exclude 0 but point in different directions across orders")
+        lead = (f"**No ranking claim between DEAL and `{ref0}`**: mean AA over orders {order_text} is "
+                f"{deal_aa:.1f}% for DEAL and {mean_aa[ref0]:.1f}% for `{ref0}` ({deal_aa - mean_aa[ref0]:+.1f} "
+                f"points), but {why}.")
+        ref = ref0
+    elif best == PROPOSED or math.isclose(mean_aa[best], deal_aa):
         ref = next(m for m in by_aa if m != PROPOSED)
         gap = deal_aa - mean_aa[ref]
         if math.isclose(gap, 0.0):
@@ -209,7 +237,7 @@ def verdict(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Se
                 f"(rank {by_aa.index(PROPOSED) + 1} of {len(by_aa)}).")
     lines.append(lead)
     ranking = ", ".join(f"`{m}` {mean_aa[m]:.1f}" for m in by_aa)
-    lines.append(f"Ranking by mean AA (%): {ranking}."
+    lines.append(f"Mean AA (%) over orders (no significance implied; see the intervals): {ranking}."
                  + (f" Not ranked (not finished on every order): {', '.join(f'`{m}`' for m in left_out)}."
                     if left_out else ""))
     per_order = [table[PROPOSED][o].summary["average_accuracy"] - table[ref][o].summary["average_accuracy"]
@@ -219,8 +247,13 @@ def verdict(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Se
     n_tasks = len(table[PROPOSED][orders[0]].metrics["tasks"])
     noise = (f" With {test_rows} test rows per task one row {_one_row_moves(test_rows, n_tasks)}; the spread over orders "
              f"is in the table below." if test_rows else "")
+    def _with_ci(o, d):
+        iv = ivs.get(o) if ref == ref0 else None
+        return (f"order {o} {d:+.1f}" + (f" (95% CI {100 * iv.low:+.1f} to {100 * iv.high:+.1f})" if iv else ""))
+
     lines.append(f"DEAL minus `{ref}` in AA, per order: "
-                 + ", ".join(f"order {o} {d:+.1f}" for o, d in zip(orders, per_order))
+                 + ", ".join(_with_ci(o, d) for o, d in zip(orders, per_order))
+                 + f"; mean {statistics.fmean(per_order):+.1f}"
                  + f" (DEAL ahead in {ahead} of {len(orders)} orders)." + noise)
     # where it falls short: per task (final accuracy averaged over orders), forgetting vs learning
     tasks = table[PROPOSED][orders[0]].metrics["tasks"]
@@ -487,6 +520,65 @@ def time_section(all_runs: Sequence[Run], log: list[dict], log_path: str, doc_di
     return lines
 
 
+# --- uncertainty: power calculation, bootstrap intervals, paired differences ----------------------------------
+PAPER_TEST_ROWS = [500, 500, 439, 500]  # standard benchmark: dbpedia, amazon, yahoo, agnews (all test rows)
+ASSUMED_DISAGREEMENT = 0.2
+
+
+def uncertainty_section(table: dict[str, dict[int, Run]], methods: Sequence[str], orders: Sequence[int]) -> list[str]:
+    """Markdown: the power calculation (from the finished runs' test-row counts, else the paper budget's), then per
+    method and order AA and BWT with 95% bootstrap intervals and the paired AA difference against DEAL and against
+    SeqLoRA, each with a verdict sentence that ranks only where the interval excludes 0. Runs without per-row
+    predictions are listed as such; nothing raises for them."""
+    scores: dict[tuple[str, int], tuple] = {}
+    missing = []
+    for m in methods:
+        for o in orders:
+            r = table[m][o]
+            if not r.finished:
+                continue
+            try:
+                scores[(m, o)] = stats.run_row_scores(os.path.dirname(r.path), r.metrics["tasks"])
+            except (OSError, ValueError) as err:
+                missing.append(f"`{m}` order {o} ({str(err)[:100]})")
+    rows = [len(x) for x in next(iter(scores.values()))[0]] if scores else PAPER_TEST_ROWS
+    source = "the finished runs" if scores else "the paper budget (no finished run with predictions yet)"
+    se = stats.aa_standard_error(rows)
+    se_d = stats.paired_difference_standard_error(rows, ASSUMED_DISAGREEMENT)
+    lines = [f"Power: {len(rows)} tasks with {', '.join(map(str, rows))} test rows (from {source}). The binomial "
+             f"standard error of one AA at p = 0.5 is {100 * se:.2f} points; of a paired AA difference, assuming the "
+             f"two methods disagree on {ASSUMED_DISAGREEMENT:.0%} of rows, {100 * se_d:.2f} points, so one order "
+             f"resolves differences of about {100 * 1.96 * se_d:.1f} points (95%).", "",
+             f"Intervals: 95% percentile bootstrap (`scipy.stats.bootstrap`, {stats.N_RESAMPLES:,} resamples) over "
+             f"each task's test rows; paired differences resample the same rows for both methods.", ""]
+    plain = method_with_role("plain")
+    if scores:
+        lines += ["| method | order | AA (95% CI) | BWT (95% CI) | AA − DEAL (95% CI) | AA − SeqLoRA (95% CI) |",
+                  "|---|---|---|---|---|---|"]
+        verdicts = []
+        for (m, o), (final, diag) in scores.items():
+            aa, bwt = stats.aa_interval(final), stats.bwt_interval(final, diag)
+            cells = []
+            for ref in (PROPOSED, plain):
+                if ref == m or (ref, o) not in scores:
+                    cells.append("—")
+                    continue
+                cells.append(_ci(stats.paired_difference_interval(final, scores[(ref, o)][0]), signed=True))
+            if m != PROPOSED and (PROPOSED, o) in scores:
+                iv = stats.paired_difference_interval(scores[(PROPOSED, o)][0], final)
+                verdicts.append(f"Order {o}: " + stats.significance_sentence(PROPOSED, m, iv))
+            lines.append(f"| `{m}` | {o} | {_ci(aa)} | {_ci(bwt, signed=True)} | {cells[0]} | {cells[1]} |")
+        lines += ["", *verdicts]
+    if missing:
+        lines += ["", "No per-row predictions for: " + "; ".join(missing) + "."]
+    return lines
+
+
+def _ci(iv: stats.Interval, signed: bool = False) -> str:
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(100 * iv.estimate)} ({f.format(100 * iv.low)} to {f.format(100 * iv.high)})"
+
+
 def build(runs_root: str, output: str, figures: str | None = None, methods: Sequence[str] = TABLE_METHODS,
           orders: Sequence[int] = TABLE_ORDERS, curve_methods: Sequence[str] = CURVE_METHODS,
           curve_rows: Sequence[int] = CURVE_ROWS, log_path: str | None = None) -> str:
@@ -509,12 +601,13 @@ def build(runs_root: str, output: str, figures: str | None = None, methods: Sequ
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Results: DEAL and the baselines on this machine", "",
-        f"Generated by `python -m deal_train.results --runs {runs_root} --output {output}` (called at the end of "
-        f"`scripts/reproduce_results.sh`) from the runs' own `metrics.json` on {now}; do not edit by hand. "
+        f"Generated by `scripts/paper_table.sh` (the runs) and `python -m deal_train.results --runs results` "
+        f"(this page; here `--runs {runs_root} --output {output}`) from the runs' own `metrics.json` on {now}; do not edit by hand. "
         f"Finished: {n_done} of {len(t_runs)} table runs and {c_done} of {len(c_runs)} data-efficiency runs"
         + ("." if n_done == len(t_runs) and c_done == len(c_runs) else
            " — the page is incomplete; rerun the script to continue (finished runs are read back, not rerun)."),
         "", "## Verdict", "", *verdict(table, methods, orders),
+        "", "## Uncertainty", "", *uncertainty_section(table, methods, orders),
         "", "## Budget", "",
         f"One budget for every method and order: benchmark `standard`, orders {', '.join(map(str, orders))}, each "
         f"method run by `python -m deal_train.compare` in a process of its own.",
