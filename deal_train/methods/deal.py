@@ -144,7 +144,10 @@ class DEAL(ContinualMethod):
         checkpointing: a checkpointed layer whose forward reused a cached factor saves fewer tensors than its
         recomputation (outside the context) that rebuilds it, and torch stops with "Recomputed values ... have
         different metadata" (CheckpointError, torch 2.x non-reentrant; tests/test_forward_context.py)."""
-        if (not self.factors or getattr(model, "is_gradient_checkpointing", False)
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if (not self.factors or checkpointing
                 or any(is_zero3(p) for f in self.factors for p in f.parameters())):
             yield
             return
