@@ -122,6 +122,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute each decoder layer's activations in the backward pass "
                                              "(torch non-reentrant checkpointing): less activation memory, about "
                                              "one extra forward pass of time.")
+    shared_prefix: bool = _f(True, "Fast path: compute the prompt prefix that every row of a micro batch (and of a "
+                                   "task's test set) shares once, as a key/value cache the rows reuse, instead of "
+                                   "once per row. Same loss, gradients and predictions up to float rounding. "
+                                   "Decoder-only models; training falls back to the full pass under "
+                                   "gradient_checkpointing (docs/design.md, 'Fast path').")
     load_in_8bit: bool = _f(False, "Load the base model's linear layers as bitsandbytes LLM.int8 (8-bit) weights "
                                    "(needs the bnb extra: pip install -e .[bnb]).")
     load_in_4bit: bool = _f(False, "Load the base model's linear layers as bitsandbytes NF4 4-bit weights with "

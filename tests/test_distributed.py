@@ -62,9 +62,10 @@ def _launch(profile: str, out, *extra: str, script: str | None = None) -> subpro
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, batch 4 (the global batch of every launched run), fp32."""
+    """One process, batch 4 (the global batch of every launched run), fp32, today's full forward pass: the launched
+    runs take the shared-prefix fast path (the default), so they also check it against the full pass."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    cfg = TrainConfig(method="deal", output_dir=str(out), **TINY_RUN)
+    cfg = TrainConfig(method="deal", output_dir=str(out), shared_prefix=False, **TINY_RUN)
     assert cfg.per_device_train_batch_size == 4 and cfg.max_train_samples == 8
     return out, run(cfg)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from ..model.prefix import shared_prefix_length
+
 IGNORE_INDEX = -100
 """Label of positions the loss ignores (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
 
 
-def collate_train(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_train(features: list[dict], pad_token_id: int, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
     """Left-pad a list of training features, so every row's answer ends at the last position.
 
     Seq2seq features (with ``decoder_input_ids``, from ``Seq2SeqEncoder``) go to
@@ -22,9 +24,14 @@ def collate_train(features: list[dict], pad_token_id: int) -> dict[str, torch.Te
     Left padding lets the loop ask the model for logits of the last ``max answer length + 1`` positions
     only (``logits_to_keep``) instead of a (batch × seq × vocab) tensor for the whole prompt.
 
+    Args:
+        shared_prefix: also return ``shared_prefix``, the number of leading tokens every row shares before any
+            answer token (``model.prefix.shared_prefix_length``; 0 for a single row), which ``answer_forward``
+            then computes once (decoder-only only).
     Returns:
         ``input_ids``, ``attention_mask`` and ``position_ids`` (batch × max_len, int64; positions count real
-        tokens from 0) and ``labels`` (batch × max_len, -100 on prompt and padding positions).
+        tokens from 0) and ``labels`` (batch × max_len, -100 on prompt and padding positions); with
+        ``shared_prefix``, also ``shared_prefix`` (int).
     """
     if "decoder_input_ids" in features[0]:
         return collate_seq2seq_train(features, pad_token_id)
@@ -38,7 +45,10 @@ def collate_train(features: list[dict], pad_token_id: int) -> dict[str, torch.Te
         mask[i, width - n:] = 1
         labels[i, width - n:] = torch.tensor(f["labels"])
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+    if shared_prefix:
+        batch["shared_prefix"] = shared_prefix_length(ids, mask, labels) if len(features) > 1 else 0
+    return batch
 
 
 def collate_eval(features: list[dict], pad_token_id: int) -> dict:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from . import prefix as shared_prefix
+
 
 def answer_window(labels: torch.Tensor) -> int:
     """How many final positions hold every logit the loss needs: longest answer (labelled tokens) + 1.
@@ -29,14 +31,34 @@ def answer_forward(model, batch: dict):
         batch: decoder-only: ``input_ids``, ``attention_mask``, ``position_ids``, ``labels`` (batch × seq);
             seq2seq: ``input_ids``, ``attention_mask`` (batch × source), ``decoder_input_ids``,
             ``decoder_attention_mask``, ``labels`` (batch × target); on the model's device.
+        A decoder-only batch with ``shared_prefix`` = P > 0 (``collate_train(..., shared_prefix=True)``) runs
+            its P shared tokens once (``shared_prefix_forward``).
     Returns:
         The model output; ``.logits`` is (batch, answer_window, vocab) for decoder-only batches (the last
         positions only) and (batch, target, vocab) for seq2seq batches (every decoder position).
     """
     if "decoder_input_ids" in batch:
         return seq2seq_forward(model, batch)
+    if batch.get("shared_prefix", 0) > 0:
+        return shared_prefix_forward(model, batch)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=batch["position_ids"], use_cache=False, logits_to_keep=answer_window(batch["labels"]))
+
+
+def shared_prefix_forward(model, batch: dict):
+    """``answer_forward`` of a decoder-only batch whose rows share their first ``batch["shared_prefix"]`` = P tokens
+    (model/prefix.py): the prefix once at batch 1 into a key/value cache (gradients kept), the suffixes against it.
+    The same logits as the full pass up to float rounding: (batch, answer_window, vocab).
+
+    The prefix pass runs on the unwrapped model (``.module`` of DDP or a DeepSpeed engine), so a distributed
+    wrapper sees one forward per backward; Accelerate's autocast sits on the unwrapped model's forward.
+    """
+    p = int(batch["shared_prefix"])
+    prefix_ids, suffix_ids, _suffix_mask, full_mask = shared_prefix.split_batch(batch["input_ids"],
+                                                                               batch["attention_mask"], p)
+    cache = shared_prefix.prefix_cache(getattr(model, "module", model), prefix_ids)
+    return shared_prefix.suffix_forward(model, cache, suffix_ids, full_mask, batch["position_ids"][:, p:],
+                                        answer_window(batch["labels"]))
 
 
 def seq2seq_forward(model, batch: dict):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
+from ..model import prefix as kv_prefix
 from ..data import collate_eval
 from ..data.labels import normalize_answer
 
@@ -52,11 +53,28 @@ def backward_transfer(matrix: Sequence[Sequence[float | None]]) -> float | None:
 
 
 @torch.no_grad()
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, at most the shortest prompt's length - 1 (its last token stays in every
+    row's suffix: its logit is the first generated token's). 0 for fewer than two prompts."""
+    if len(prompts) < 2:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
 def generate_predictions(model, tokenizer, features, batch_size: int, max_new_tokens: int,
-                         accelerator=None, desc: str | None = None) -> list[dict]:
+                         accelerator=None, desc: str | None = None, shared_prefix: bool = False) -> list[dict]:
     """Greedy generation for a tokenised evaluation set (left padding; only the new tokens are decoded: for a
     decoder-only model the tokens after the prompt, for an encoder-decoder model the decoder's tokens after its
-    start token).
+    start token). Batches hold prompts of similar length (longest first: less padding); generation of a batch
+    stops when every row has produced EOS.
+
+    With ``shared_prefix`` (decoder-only), the tokens all prompts share (``common_prefix_length``) run once, at
+    batch 1, into a key/value cache, and every batch's generation starts from it (``model/prefix.py``): the same
+    greedy predictions up to near ties (batch-1 and batched products round differently in the last bits).
 
     Args:
         features: rows with ``input_ids`` (prompt), ``label`` and ``index`` (from ``Encoder.eval_features``).
@@ -64,17 +82,21 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
         max_new_tokens: generation stops at EOS or after this many tokens.
         accelerator: when given (several processes), each process generates a shard and the results are gathered.
         desc: label of a progress bar (none when None or on processes other than the main one).
+        shared_prefix: start every batch from the cached shared prompt prefix (ignored for encoder-decoders).
     Returns:
         One dict per row in row order: ``index``, ``prediction`` (str), ``label`` (str).
     """
-    loader = DataLoader(features, batch_size=batch_size, shuffle=False,
-                        collate_fn=lambda b: collate_eval(b, tokenizer.pad_token_id))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     prompt_echoed = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     out: list[dict] = []
     indices = list(range(len(features)))
+    prompts = list(features["input_ids"])
+    prefix_ids, cache = None, None
+    if shared_prefix and prompt_echoed and (p := common_prefix_length(prompts)) > 0:
+        prefix_ids = torch.tensor([prompts[0][:p]], device=device)
+        cache = kv_prefix.prefix_cache(model, prefix_ids)
     # ZeRO-3: every forward pass gathers weights from all ranks, so all ranks run the same number of batches and
     # generation steps (synced_gpus); short shards repeat their last row, dropped again after the gather
     synced = accelerator is not None and accelerator.num_processes > 1 and distributed.keeps_engine(accelerator)
@@ -83,16 +105,22 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
         if synced:
             per_rank = -(-len(features) // accelerator.num_processes)
             indices = indices + (indices[-1:] or [0]) * (per_rank - len(indices))
-        shard = features.select(indices)
-        loader = DataLoader(shard, batch_size=batch_size, shuffle=False,
-                            collate_fn=lambda b: collate_eval(b, tokenizer.pad_token_id))
+    indices.sort(key=lambda i: -len(prompts[i]))  # longest first (stable): similar lengths share a batch
+    loader = DataLoader(features.select(indices), batch_size=batch_size, shuffle=False,
+                        collate_fn=lambda b: collate_eval(b, tokenizer.pad_token_id))
     show = desc is not None and (accelerator is None or accelerator.is_local_main_process)
     for batch in tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True):
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
+        extra = {"synced_gpus": True} if synced else {}
+        if cache is not None:
+            p = prefix_ids.shape[1]
+            _, suffix_ids, _, mask = kv_prefix.split_batch(ids, mask, p)
+            ids = torch.cat([prefix_ids.expand(ids.shape[0], -1), suffix_ids], dim=1)
+            extra["cache"] = kv_prefix.expand_cache(cache, ids.shape[0])
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             **({"synced_gpus": True} if synced else {}))
+                             **extra)
         new_tokens = gen[:, ids.shape[1]:] if prompt_echoed else gen[:, 1:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for idx, text, label in zip(batch["index"], texts, batch["labels"]):

@@ -372,7 +372,8 @@ def evaluate_seen(accelerator, model, method: ContinualMethod | None, tokenizer,
         d = datas[i]
         with method.eval_adapter(model, i) if method is not None else contextlib.nullcontext():
             preds = generate_predictions(model, tokenizer, d.test_features, cfg.per_device_eval_batch_size,
-                                         cfg.max_new_tokens, accelerator, desc=f"eval {d.task.name}")
+                                         cfg.max_new_tokens, accelerator, desc=f"eval {d.task.name}",
+                                         shared_prefix=cfg.shared_prefix)
         scores = score(preds)
         if pred_dir and accelerator.is_main_process:
             write_predictions(RunLayout.prediction_file(pred_dir, i, d.task.name), preds)

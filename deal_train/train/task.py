@@ -29,6 +29,7 @@ from ..data import collate_train
 from ..data.prepare import TaskData
 from ..methods.base import ContinualMethod
 from ..model import precision
+from ..model import prefix as shared_prefix
 from ..model.losses import answer_forward, token_cross_entropy_sum
 from . import adapter_change
 from .checkpointing import NoCheckpoints, StepCheckpointer, TaskProgress
@@ -53,6 +54,9 @@ class TaskSetup:
     start_factors: dict  # the trained adapter's factors at the task start (``adapter_change.snapshot``)
     steps_per_epoch: int
     total_steps: int
+    shared_prefix: bool = False  # micro batches carry their shared prefix length (model/prefix.py)
+    forward_tokens: int = 0  # token positions the forward passes computed (the shared prefix once per micro batch)
+    padded_tokens: int = 0  # token positions of the padded micro batches (what the full pass computes)
 
 
 @dataclass
@@ -137,16 +141,38 @@ def start_task(accelerator: Accelerator, zero3: Zero3, model, method: ContinualM
     groups = [g for g in method.param_groups(model) if g["params"]]
     optimizer = precision.build_optimizer(cfg, groups)
     generator = torch.Generator().manual_seed(cfg.seed + task_index)
+    use_prefix = use_shared_prefix(accelerator, model, cfg, data.task.name)
     train_set = concatenate_datasets([data.train_features, *data.replay_features]) if data.replay_features \
         else data.train_features
     loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
-                        generator=generator, collate_fn=lambda b: collate_train(b, pad_token_id))
+                        generator=generator, collate_fn=lambda b: collate_train(b, pad_token_id, use_prefix))
     model, optimizer, loader = zero3.prepare(cfg, model, optimizer, loader)
     model.train()
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     params = [p for g in groups for p in g["params"]]
     return TaskSetup(model, optimizer, loader, generator, params, sum(p.numel() for p in params), start_factors,
-                     steps_per_epoch, steps_per_epoch * cfg.num_train_epochs)
+                     steps_per_epoch, steps_per_epoch * cfg.num_train_epochs, use_prefix)
+
+
+def use_shared_prefix(accelerator: Accelerator, model, cfg: TrainConfig, task_name: str) -> bool:
+    """Whether this task's micro batches take the shared-prefix path (``cfg.shared_prefix`` and a model it
+    supports, ``model.prefix.supported``); prints why not when it was asked for but cannot run."""
+    if not cfg.shared_prefix:
+        return False
+    reason = shared_prefix.supported(model)
+    if reason is not None:
+        accelerator.print(f"task {task_name}: shared_prefix is on but training uses the full forward pass with "
+                          f"{reason}.")
+        return False
+    return True
+
+
+def count_tokens(setup: TaskSetup, batch: dict) -> None:
+    """Add one micro batch's computed and padded token positions to ``setup`` (the shared-prefix saving)."""
+    rows, width = batch["input_ids"].shape[:2]
+    p = int(batch.get("shared_prefix", 0))
+    setup.padded_tokens += rows * width
+    setup.forward_tokens += p + rows * (width - p)
 
 
 def windows(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -179,6 +205,8 @@ def backward_window(accelerator: Accelerator, setup: TaskSetup, method: Continua
                 step_extra += float(extra.detach()) / len(window)
             accelerator.backward(loss)
         step_ce += float(ce_sum.detach())
+        if "decoder_input_ids" not in batch:
+            count_tokens(setup, batch)
         progress.samples += batch["input_ids"].shape[0] * accelerator.num_processes
     # gradients are synchronised here, so every process takes the same skip decision (DeepSpeed has already
     # clipped and stepped inside accelerator.backward and reports its norm, or None)
@@ -240,15 +268,21 @@ def finish_task(accelerator: Accelerator, zero3: Zero3, setup: TaskSetup, method
     model.eval()
     zero3.gather(model)
     own_batches = DataLoader(data.train_features, batch_size=cfg.per_device_train_batch_size, shuffle=False,
-                             collate_fn=lambda b: collate_train(b, pad_token_id))
+                             collate_fn=lambda b: collate_train(b, pad_token_id, setup.shared_prefix))
     method.after_task(model, task_index, own_batches)
     change = adapter_change.relative_change(model, setup.start_factors)
     seconds = time.perf_counter() - start
     zero3.release()
     losses, samples = progress.losses, progress.samples
+    saving = 1 - setup.forward_tokens / setup.padded_tokens if setup.padded_tokens else 0.0
+    if setup.shared_prefix and setup.padded_tokens:
+        accelerator.print(f"task {task_index + 1} {data.task.name}: shared prefix computed once per micro batch: "
+                          f"{setup.forward_tokens} of {setup.padded_tokens} padded token positions run through the "
+                          f"model ({100 * saving:.1f} % saved)")
     return {"train_seconds": seconds, "optimizer_steps": setup.total_steps, "train_samples": samples,
             "samples_per_second": samples / seconds if seconds > 0 else 0.0,
             "final_loss": losses[-1] if losses else None,
             "mean_loss": sum(losses) / len(losses) if losses else None,
             "trainable_parameters": setup.n_trainable, "skipped_nonfinite_steps": progress.skipped,
-            "relative_change": change}
+            "relative_change": change,
+            "shared_prefix_token_saving": saving if setup.shared_prefix else None}
