@@ -41,6 +41,7 @@ def test_fastpath_suite_runs_every_variant_on_the_same_batches(tmp_path, data_di
         assert r["min"] <= r["median"] <= r["max"] and r["spread_pct"] >= 0 and len(r["per_repeat"]) == 2
     assert "meets_target" in result["ratios"]["train_fast_today_lora"]
     checks = result["checks"]
+    assert "error" not in checks
     for method in ("lora", "deal"):
         c = checks[f"loss_{method}"]
         assert c["same_batches"] and c["batches"] == 4 and c["mean_shared_prefix"] > 0

@@ -255,13 +255,22 @@ class FastpathBench:
             out["seen"] = seen
         return out
 
+    def zero_shot(self) -> None:
+        """The LoRA adapter with B = 0 (the model of a run's zero-shot pass): the bench's random history adapter
+        would turn the instruct model's answers into noise, and the prediction check wants real answers."""
+        self.bench.restore_history(trainable=False)
+        with torch.no_grad():
+            for name, p in self.bench._lora_parameters():
+                if ".lora_B." in name:
+                    p.zero_()
+
     def _eval(self, cfg: TrainConfig, record: bool) -> dict:
-        """``generate_predictions`` over every task's evaluation rows with the history adapter (a plain LoRA);
-        the timed call includes the prefix pass (once per task)."""
+        """``generate_predictions`` over every task's evaluation rows (``zero_shot`` adapter); the timed call
+        includes the prefix pass (once per task)."""
         from ..train.evaluation import generate_predictions
 
         b = self.bench
-        b.restore_history(trainable=False)
+        self.zero_shot()
         seconds, rows, predictions = 0.0, 0, []
         for t in self.tasks:
             start = time.perf_counter()
@@ -333,16 +342,32 @@ class FastpathBench:
                         recorded[v.name] = {**figures}
                         del figures["seen"]
                     raw[v.name].append(figures)
+                self.save_partial(raw)
         finally:
             gc.unfreeze()
         checks = self.checks(recorded, raw)
         return self.report(raw, checks)
 
+    def save_partial(self, raw: dict[str, list[dict]]) -> None:
+        """``<output_dir>/bench_partial.json``: the raw repeats so far (a run cut short keeps them)."""
+        from ..outputs import atomic_write_json
+        import os
+
+        atomic_write_json(os.path.join(self.cfg.output_dir, "bench_partial.json"), {"repeats": raw})
+
     # --- equality checks ----------------------------------------------------------------------------------------
 
     def checks(self, recorded: dict[str, dict], raw: dict[str, list[dict]]) -> dict:
-        """Loss and prediction equality between the paired variants (first measured repeat's recordings)."""
+        """Loss and prediction equality between the paired variants (first measured repeat's recordings). A check
+        that fails to run is reported as ``<name>_error`` (the timings are kept)."""
         out: dict[str, Any] = {}
+        try:
+            self._checks(recorded, raw, out)
+        except Exception as err:  # noqa: BLE001 - keep the measured repeats whatever a check hits
+            out["error"] = f"{type(err).__name__}: {err}"
+        return out
+
+    def _checks(self, recorded: dict[str, dict], raw: dict[str, list[dict]], out: dict) -> None:
         for method in ("lora", "deal"):
             fast, today = recorded.get(f"{method}_fast"), recorded.get(f"{method}_today")
             if fast and today:
@@ -357,7 +382,6 @@ class FastpathBench:
                 relative_difference(x["mean_loss"], y["mean_loss"]) for x, y in zip(raw["bare"], raw["lora_today"]))
         if "eval_fast" in recorded and "eval_today" in recorded:
             out["predictions"] = self.prediction_check(recorded["eval_today"]["seen"], recorded["eval_fast"]["seen"])
-        return out
 
     @torch.no_grad()
     def loss_check(self, method_name: str, today: list[dict], fast: list[dict]) -> dict:
@@ -403,7 +427,7 @@ class FastpathBench:
         of a full forward pass (batch 1) of prompt + the two predictions' common tokens (the first differing
         step; predictions re-tokenised from their text)."""
         b = self.bench
-        b.restore_history(trainable=False)
+        self.zero_shot()
         total = same = 0
         differing = []
         for task_rows, t_preds, f_preds in zip(self.tasks, today, fast):
@@ -505,6 +529,8 @@ def format_fastpath_table(result: dict) -> str:
         lines += ["", TRL_HINT]
     c = result["checks"]
     lines.append("")
+    if "error" in c:
+        lines.append(f"checks stopped with {c['error']}")
     for method in ("lora", "deal"):
         if f"loss_{method}" in c:
             x = c[f"loss_{method}"]
