@@ -141,7 +141,6 @@ class FastpathBench:
     def __init__(self, cfg: TrainConfig, opts, variants: Sequence[Variant] = VARIANTS,
                  ratios: Sequence[Ratio] = RATIOS):
         from .bench import Bench, bench_data
-        from ..data import encoder_for
 
         torch.set_num_threads(opts.num_threads or torch.get_num_threads())
         tasks = list(opts.tasks or (opts.task,))
@@ -154,15 +153,12 @@ class FastpathBench:
         self.trl = opts.trl and trl_available()
         self.variants = [v for v in variants if v.kind != "trl" or self.trl]
         self.ratios = [r for r in ratios if {r.numerator, r.denominator} <= {v.name for v in self.variants}]
-        encoder = encoder_for(b.model.config, b.tokenizer, self.cfg.max_source_length, self.cfg.max_target_length,
-                              self.cfg.chat_template)
         self.tasks: list[TaskRows] = []
         for name in tasks:
             data = bench_data(self.cfg, dataclasses.replace(opts, task=name, inference_samples=opts.eval_samples),
                               b.tokenizer, b.model.config)
             feats = Dataset.from_list([{"input_ids": p, "label": "", "index": i} for i, p in enumerate(data.prompts)])
             self.tasks.append(TaskRows(data=data, eval_features=feats))
-        del encoder
 
     def config(self, variant: Variant) -> TrainConfig:
         return dataclasses.replace(self.cfg, **dict(variant.overrides))
