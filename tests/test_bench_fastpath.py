@@ -84,3 +84,15 @@ def test_trl_variant_trains_the_same_rows(tmp_path, data_dir):
     assert set(result["ratios"]) == {"ours_today_over_trl"}
     # TRL's defaults (activation checkpointing) must not leak into our model: the fast path still runs
     assert prefix.supported(fp.bench.model) is None
+
+
+def test_summarise_pairs_repeats_and_skips_missing_variants():
+    raw = {"lora_fast": [{"samples_per_second": 4.0, "time_per_step": 1.0}, {"samples_per_second": 6.0, "time_per_step": 1.0}],
+           "lora_today": [{"samples_per_second": 2.0, "time_per_step": 2.0}, {"samples_per_second": 2.0, "time_per_step": 2.0}],
+           "deal_fast": [{"samples_per_second": 1.0, "time_per_step": 3.0}]}
+    ratios, summary = bench_fastpath.summarise(raw)
+    assert set(ratios) == {"train_fast_today_lora", "deal_lora_step_time_fast"}
+    r = ratios["train_fast_today_lora"]
+    assert r["per_repeat"] == [2.0, 3.0] and r["median"] == 2.5 and r["meets_target"] and r["spread_pct"] == 20.0
+    assert ratios["deal_lora_step_time_fast"]["per_repeat"] == [3.0]  # paired: only the repeats both have
+    assert summary["lora_today"]["samples_per_second"]["median"] == 2.0

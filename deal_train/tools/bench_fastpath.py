@@ -460,18 +460,7 @@ class FastpathBench:
     def report(self, raw: dict[str, list[dict]], checks: dict) -> dict:
         """The ``bench.json`` content: settings, raw repeats, per-variant medians, ratios and checks."""
         cfg, opts = self.cfg, self.opts
-        ratios = {}
-        for r in self.ratios:
-            values = [n[r.figure] / d[r.figure] for n, d in zip(raw[r.numerator], raw[r.denominator])]
-            s = ratio_spread(values)
-            if r.target is not None:
-                op, bound = r.target
-                s["target"] = f"{op} {bound}"
-                s["meets_target"] = s["median"] >= bound if op == ">=" else s["median"] <= bound
-            ratios[r.name] = {**s, "numerator": r.numerator, "denominator": r.denominator, "figure": r.figure}
-        summary = {name: {key: ratio_spread([rep[key] for rep in reps]) for key in reps[0]
-                          if isinstance(reps[0][key], (int, float)) and reps[0][key] is not None}
-                   for name, reps in raw.items() if reps}
+        ratios, summary = summarise(raw, self.ratios)
         b = self.bench
         return {
             "suite": "fastpath", "model": cfg.model, "device": str(b.device),
@@ -492,6 +481,27 @@ class FastpathBench:
                          "mean_prompt_tokens": statistics.fmean(len(p) for t in self.tasks for p in t.data.prompts)},
             "repeats": raw, "summary": summary, "ratios": ratios, "checks": checks,
         }
+
+
+def summarise(raw: dict[str, list[dict]], ratios: Sequence[Ratio] = RATIOS) -> tuple[dict, dict]:
+    """``(ratios, summary)`` of raw repeats (``bench.json``'s or ``bench_partial.json``'s ``repeats``): each ratio
+    whose two variants are present, per repeat (paired; the shorter list decides how many) with ``ratio_spread``
+    and its target; each variant's numeric figures with ``ratio_spread``."""
+    out = {}
+    for r in ratios:
+        if not raw.get(r.numerator) or not raw.get(r.denominator):
+            continue
+        values = [n[r.figure] / d[r.figure] for n, d in zip(raw[r.numerator], raw[r.denominator])]
+        s = ratio_spread(values)
+        if r.target is not None:
+            op, bound = r.target
+            s["target"] = f"{op} {bound}"
+            s["meets_target"] = s["median"] >= bound if op == ">=" else s["median"] <= bound
+        out[r.name] = {**s, "numerator": r.numerator, "denominator": r.denominator, "figure": r.figure}
+    summary = {name: {key: ratio_spread([rep[key] for rep in reps]) for key in reps[0]
+                      if isinstance(reps[0][key], (int, float)) and reps[0][key] is not None}
+               for name, reps in raw.items() if reps}
+    return out, summary
 
 
 def same_batches(a: list[dict], b: list[dict]) -> bool:
