@@ -34,6 +34,8 @@ def test_fastpath_suite_runs_every_variant_on_the_same_batches(tmp_path, data_di
         assert len(reps) == 2 and all(r["samples_per_second"] > 0 for r in reps)
         if name.startswith(("lora", "deal", "bare")):  # 2 tasks x 2 steps x 2 rows
             assert all(r["optimizer_steps"] == 4 and r["train_samples"] == 8 for r in reps)
+            if name != "bare":  # the fast path's ceiling (padded / computed positions); 1 with it off
+                assert all((r["token_ratio_bound"] > 1) == name.endswith("_fast") for r in reps)
         else:
             assert all(r["rows"] == 6 for r in reps)
     assert set(result["ratios"]) == {r.name for r in RATIOS if "trl" not in (r.numerator, r.denominator)}
