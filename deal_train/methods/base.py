@@ -142,6 +142,14 @@ class ContinualMethod:
         """A term added to the cross-entropy of each micro batch, and scalars to log. Default: none."""
         return None, {}
 
+    @contextlib.contextmanager
+    def forward_context(self, model: PeftModel) -> Iterator[None]:
+        """Context the loop holds around one micro batch's forward pass(es) and ``extra_loss``, never around its
+        backward pass (a gradient-checkpointing recomputation runs outside it and rebuilds what it needs). A method
+        whose weights are computed (parametrizations) caches them here so that every access within one micro
+        batch, including a second model call of the same batch, builds them once. Default: nothing."""
+        yield
+
     def after_task(self, model: PeftModel, task_index: int, train_batches: Iterable[dict] | None = None) -> None:
         """Called after the last optimizer step of task ``task_index``.
 

@@ -10,13 +10,15 @@ parametrizations are folded into the weights, leaving a plain PEFT LoRA adapter 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from peft import PeftModel
 from torch.nn.utils import parametrize
 
 from ..config import PROFILES
 from ..deal import DEALFactor, attach, regulariser, set_drift_floors
-from ..model.sharding import live, live_named, writing
+from ..model.sharding import is_zero3, live, live_named, writing
 from .adapters import lora_layers
 from .base import ContinualMethod, paper_row
 
@@ -133,6 +135,24 @@ class DEAL(ContinualMethod):
             total = total + cfg.deal_lambda_drift * drift
             logs["deal/drift"] = float(drift.detach())
         return total, logs
+
+    @contextlib.contextmanager
+    def forward_context(self, model):
+        """``parametrize.cached()``: each DEAL factor (Oᵀ A or B O) is built once per micro batch instead of once per
+        weight access. Not under ZeRO-3, where a factor's parameters are gathered only inside its module's forward
+        and released after it, so a factor cached from one call must not outlive that call. Nor with gradient
+        checkpointing: a checkpointed layer whose forward reused a cached factor saves fewer tensors than its
+        recomputation (outside the context) that rebuilds it, and torch stops with "Recomputed values ... have
+        different metadata" (CheckpointError, torch 2.x non-reentrant; tests/test_forward_context.py)."""
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if (not self.factors or checkpointing
+                or any(is_zero3(p) for f in self.factors for p in f.parameters())):
+            yield
+            return
+        with parametrize.cached():
+            yield
 
     def extra_loss(self, model, batch, outputs):
         if self.task_index == 0 or not self.factors:

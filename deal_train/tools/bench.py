@@ -82,6 +82,12 @@ class BenchOptions:
         num_threads: ``torch.set_num_threads`` for the run (0: torch's default). On a CPU shared with other jobs,
             1 avoids OpenMP/MKL threads waiting for a core that another process holds, which inflates every small
             operation (DEAL's per-factor maps most).
+        suite: ``classic`` (DEAL against LoRA, this module) or ``fastpath`` (the variant table of
+            ``bench_fastpath``: shared prefix on/off, loop/bare, TRL).
+        tasks: ``fastpath``: the tasks whose rows every variant runs on, one after the other (empty: ``task``;
+            the command line's ``--tasks a,b``, the TrainConfig key, sets it).
+        eval_samples: ``fastpath``: test rows per task given to ``generate_predictions``.
+        trl: ``fastpath``: include TRL's SFTTrainer when ``trl`` is importable.
     """
 
     methods: tuple[str, ...] = BENCH_METHODS
@@ -95,6 +101,10 @@ class BenchOptions:
     device: str = "auto"
     fix_malloc: bool = True
     num_threads: int = 0
+    suite: str = "classic"
+    tasks: tuple[str, ...] = ()
+    eval_samples: int = 40
+    trl: bool = True
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -277,14 +287,32 @@ class Bench:
             return None
         return os.path.join(self.cfg.output_dir, "memory_snapshots", f"{label}.pickle")
 
-    def train_once(self, variant: str, snapshot: bool) -> dict:
-        """One training repeat of ``variant`` (``lora`` or ``deal``) on the benchmark rows, as task 2."""
+    def train_once(self, variant: str, snapshot: bool, cfg: TrainConfig | None = None, data: BenchData | None = None,
+                   seen: list | None = None) -> dict:
+        """One training repeat of ``variant`` (``lora`` or ``deal``) on the benchmark rows, as task 2.
+
+        Args:
+            cfg, data: the training settings and rows (default: the bench's own; ``bench_fastpath`` passes a
+                variant's config overrides and each of its tasks).
+            seen: when given, every micro batch the loop trains on is appended to it (the batch dict, as
+                collated; no copy, so the measured time is unchanged).
+        """
         from ..data.prepare import TaskData
         from ..train.task import train_task
         from ..methods import DEAL, SeqLoRA
 
+        cfg = cfg or self.cfg
+        data_in = data or self.data
         self.restore_history(trainable=(variant == "lora"))
-        method = DEAL(self.cfg) if variant == "deal" else SeqLoRA(self.cfg)
+        method = DEAL(cfg) if variant == "deal" else SeqLoRA(cfg)
+        if seen is not None:
+            extra_loss = method.extra_loss
+
+            def recording_extra_loss(model, batch, outputs):
+                seen.append(batch)
+                return extra_loss(model, batch, outputs)
+
+            method.extra_loss = recording_extra_loss
         setup = {}
         before = method.before_task
 
@@ -297,15 +325,17 @@ class Bench:
         method.before_task = timed_before_task
         with MemoryProfiler(self.device, self._snapshot(f"train_{variant}") if snapshot else None) as prof:
             cpu0 = time.process_time()
-            data = TaskData(task=self.data.task, train_rows=self.data.train_rows, test_rows=[],
-                            train_features=self.data.train)
-            _step, stats = train_task(self.accelerator, self.model, method, data, self.cfg, 1, 0, self.pad_id)
+            data = TaskData(task=data_in.task, train_rows=data_in.train_rows, test_rows=[],
+                            train_features=data_in.train)
+            _step, stats = train_task(self.accelerator, self.model, method, data, cfg, 1, 0, self.pad_id)
             cpu_seconds = time.process_time() - cpu0 - setup.get("cpu_seconds", 0.0)
         seconds, steps = stats["train_seconds"], stats["optimizer_steps"]
         return {"train_seconds": seconds, "optimizer_steps": steps, "time_per_step": seconds / steps,
                 "cpu_time_per_step": cpu_seconds / steps,
                 "samples_per_second": stats["train_samples"] / seconds,
-                "tokens_per_second": self.data.train_tokens / seconds,
+                "tokens_per_second": data_in.train_tokens / seconds, "train_samples": stats["train_samples"],
+                "mean_loss": stats["mean_loss"], "final_loss": stats["final_loss"],
+                "shared_prefix_token_saving": stats.get("shared_prefix_token_saving"),
                 "trainable_parameters": stats["trainable_parameters"],
                 "skipped_nonfinite_steps": stats.get("skipped_nonfinite_steps", 0),
                 "setup_seconds": setup.get("seconds", 0.0), "memory": prof.result.to_dict()}
@@ -480,11 +510,20 @@ def format_table(result: dict) -> str:
 
 
 def bench(cfg: TrainConfig, opts: BenchOptions) -> dict:
-    """Run the benchmark, print the table and write ``<output_dir>/bench.json``; returns its content."""
-    result = Bench(cfg, opts).run()
+    """Run the benchmark (``opts.suite``), print the table and write ``<output_dir>/bench.json``; returns its
+    content."""
+    if opts.suite == "fastpath":
+        from .bench_fastpath import FastpathBench, format_fastpath_table
+        fp = FastpathBench(cfg, opts)
+        if opts.trl and not fp.trl:
+            from .bench_fastpath import TRL_HINT
+            print(TRL_HINT, file=sys.stderr)
+        result, table = fp.run(), format_fastpath_table
+    else:
+        result, table = Bench(cfg, opts).run(), format_table
     path = os.path.join(cfg.output_dir, BENCH_JSON)
     atomic_write_json(path, result)
-    print(format_table(result) + f"\n\nRaw repeats in {path}")
+    print(table(result) + f"\n\nRaw repeats in {path}")
     return result
 
 
@@ -527,6 +566,12 @@ def build_bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_threads", type=int, default=d.num_threads,
                         help="torch.set_num_threads for the run (0: torch's default). Use 1 on a CPU shared with "
                              "other jobs (see BenchOptions).")
+    parser.add_argument("--suite", default=d.suite, choices=("classic", "fastpath"),
+                        help="classic: DEAL against LoRA; fastpath: shared prefix on/off for training and evaluation, "
+                             "loop against a bare PyTorch step, TRL (docs/bench.md).")
+    parser.add_argument("--eval_samples", type=int, default=d.eval_samples,
+                        help=f"fastpath: test rows per task for generate_predictions. Default {d.eval_samples}.")
+    parser.add_argument("--no_trl", action="store_true", help="fastpath: skip TRL's SFTTrainer even when installed.")
     parser.add_argument("--keep_malloc_defaults", action="store_true",
                         help="CPU: keep glibc's dynamic mmap threshold (by default it is fixed at 64 KiB so that "
                              "peak RSS follows tensor memory; see deal_train.profiling).")
@@ -544,8 +589,9 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
                         train_steps=args.train_steps, inference_samples=args.inference_samples,
                         inference_batch_size=args.inference_batch_size, task=args.task,
                         memory_snapshot=args.cuda_memory_snapshot, device=args.device,
-                        fix_malloc=not args.keep_malloc_defaults, num_threads=args.num_threads)
-    for name in ("repeats", "train_steps", "inference_samples", "inference_batch_size"):
+                        fix_malloc=not args.keep_malloc_defaults, num_threads=args.num_threads, suite=args.suite,
+                        eval_samples=args.eval_samples, trl=not args.no_trl)
+    for name in ("repeats", "train_steps", "inference_samples", "inference_batch_size", "eval_samples"):
         if getattr(opts, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(opts, name)}.")
     if opts.warmup < 0 or opts.num_threads < 0:
@@ -562,7 +608,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = [*(argv if argv is not None else sys.argv[1:]), "--output_dir", DEFAULT_OUTPUT_DIR]
 
     def main_cfg(cfg: TrainConfig) -> None:
-        bench(cfg, options_from_args(args))
+        opts = options_from_args(args)
+        if cfg.tasks:  # --tasks a,b (the TrainConfig key): the fastpath suite's tasks
+            opts = dataclasses.replace(opts, tasks=tuple(cfg.tasks))
+        bench(cfg, opts)
 
     return run_cli(main_cfg, argv, parser=parser)
 

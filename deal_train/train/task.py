@@ -211,10 +211,11 @@ def backward_window(accelerator: Accelerator, setup: TaskSetup, method: Continua
         last = i == len(window) - 1
         accelerator.gradient_state._set_sync_gradients(last)  # as transformers.Trainer does
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            outputs = answer_forward(model, batch)
-            ce_sum, _n = token_cross_entropy_sum(outputs.logits, batch["labels"])
-            loss = ce_sum * scale
-            extra, logs = method.extra_loss(model, batch, outputs)
+            with method.forward_context(model):  # e.g. DEAL's factors built once per micro batch
+                outputs = answer_forward(model, batch)
+                ce_sum, _n = token_cross_entropy_sum(outputs.logits, batch["labels"])
+                loss = ce_sum * scale
+                extra, logs = method.extra_loss(model, batch, outputs)
             if extra is not None:
                 loss = loss + extra * gas / len(window)
                 step_extra += float(extra.detach()) / len(window)
