@@ -32,7 +32,7 @@ MODEL="${MODEL:-smollm2-135m-instruct}"
 TRAIN_ROWS="${TRAIN_ROWS:-64}"            # training rows per task (8 optimizer steps of 8)
 TEST_ROWS="${TEST_ROWS:-32}"              # test rows per task (one row = 3.1 points of a task's accuracy)
 ORDERS="${ORDERS:-1 2 3}"
-METHODS="${METHODS:-deal seq_lora o_lora per_task replay ewc lwf}"
+METHODS="${METHODS:-deal seq_lora o_lora per_task replay ewc lwf osf}"
 CURVE_METHODS="${CURVE_METHODS:-deal seq_lora}"
 CURVE_ROWS="${CURVE_ROWS:-50 100 200 400}"
 CURVE_TEST_ROWS="${CURVE_TEST_ROWS:-$TEST_ROWS}"

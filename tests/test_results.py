@@ -146,7 +146,7 @@ def test_results_page_with_nothing_run_yet(tmp_path):
     (tmp_path / "runs").mkdir()
     assert results.main(["--runs", str(tmp_path / "runs"), "--output", str(out)]) == 0
     md = out.read_text()
-    assert "**No verdict yet.**" in md and "Finished: 0 of 21 table runs and 0 of 8 data-efficiency runs" in md
+    assert "**No verdict yet.**" in md and "Finished: 0 of 24 table runs and 0 of 8 data-efficiency runs" in md
     assert md.count(results.NOT_RUN) >= 21 + 8 and "No script log" in md
     assert not any((tmp_path / "results").iterdir())  # no figure without a run
 
@@ -165,7 +165,7 @@ def test_reproduce_script_syntax_and_dry_listing(tmp_path):
     lines = proc.stdout.splitlines()
     table = [line for line in lines if line.startswith("run standard_order")]
     curve = [line for line in lines if line.startswith("run tc_rows")]
-    assert len(table) == 21 and len(curve) == 8 and lines[-1].startswith("then: python -m deal_train.results")
+    assert len(table) == 24 and len(curve) == 8 and lines[-1].startswith("then: python -m deal_train.results")
     seen = set()
     for line in table + curve:
         label, command = line[len("run "):].split(": ", 1)
@@ -193,7 +193,7 @@ def test_reproduce_script_syntax_and_dry_listing(tmp_path):
     assert sum(line.startswith("run tc_rows") for line in only) == 8
     assert all("--model tiny-random-llama" in line for line in only if line.startswith("run "))
     table_only = _dry(tmp_path, RESULTS_ONLY="table", TRAIN_ROWS="8").stdout
-    assert table_only.count("run standard") == 21 and "--max_train_samples 8 " in table_only
+    assert table_only.count("run standard") == 24 and "--max_train_samples 8 " in table_only
     bad = _dry(tmp_path, RESULTS_ONLY="plots")
     assert bad.returncode == 2 and "RESULTS_ONLY=plots" in bad.stderr
     assert _dry(tmp_path, RESULTS_JOBS="0").returncode == 2
