@@ -35,7 +35,8 @@ def test_fastpath_suite_runs_every_variant_on_the_same_batches(tmp_path, data_di
         if name.startswith(("lora", "deal", "bare")):  # 2 tasks x 2 steps x 2 rows
             assert all(r["optimizer_steps"] == 4 and r["train_samples"] == 8 for r in reps)
             if name != "bare":  # the fast path's ceiling (padded / computed positions); 1 with it off
-                assert all((r["token_ratio_bound"] > 1) == name.endswith("_fast") for r in reps)
+                assert all((r["token_ratio_bound"] > 1) == ("_fast" in name) for r in reps)
+                assert all(0 < r["computed_token_positions"] <= r["padded_token_positions"] for r in reps)
         else:
             assert all(r["rows"] == 6 for r in reps)
     assert set(result["ratios"]) == {r.name for r in RATIOS if "trl" not in (r.numerator, r.denominator)}
@@ -51,7 +52,13 @@ def test_fastpath_suite_runs_every_variant_on_the_same_batches(tmp_path, data_di
     assert checks["bare_same_batches"] and checks["bare_mean_loss_rel_diff_max"] <= 1e-4
     p = checks["predictions"]
     assert p["rows"] == 6 and p["identical"] + len(p["differing"]) == 6 and p["all_differing_near_ties"]
+    # against today's padded positions on the same rows: the shared prefix alone, and with less padding on top
+    bounds = bench_fastpath.token_bounds_vs_today(result["summary"])
+    assert set(bounds) == {"lora_fast", "lora_fast_grouped", "deal_fast", "eval_fast", "eval_sorted"}
+    assert all(b > 1 for name, b in bounds.items() if name != "eval_sorted") and bounds["eval_sorted"] >= 1
+    assert bounds["lora_fast_grouped"] >= bounds["lora_fast"] - 1e-9  # grouping never adds padding here
     table = format_fastpath_table(result)
+    assert "train_grouped_today_lora" in table and "token bound against today's path" in table
     assert "train_fast_today_lora" in table and "loop_bare_step_time" in table and "identical" in table
     assert bench_fastpath.TRL_HINT in table
 
@@ -86,6 +93,15 @@ def test_trl_variant_trains_the_same_rows(tmp_path, data_dir):
     assert set(result["ratios"]) == {"ours_today_over_trl"}
     # TRL's defaults (activation checkpointing) must not leak into our model: the fast path still runs
     assert prefix.supported(fp.bench.model) is None
+
+
+def test_prompt_token_positions_counts_the_prefill():
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 7]]  # common prefix 2 (the shortest keeps its last token)
+    assert bench_fastpath.prompt_token_positions(prompts, 2, False) == 2 * 5 + 1 * 3
+    assert bench_fastpath.prompt_token_positions(prompts, 2, True) == 2 + 2 * 3 + 1 * 1
+    order = [prompts[2], prompts[0], prompts[1]]  # row order: batches (3, 5) and (4)
+    assert bench_fastpath.prompt_token_positions(order, 2, False, sort_prompts=False) == 2 * 5 + 4
+    assert bench_fastpath.prompt_token_positions(order, 2, False) == 13
 
 
 def test_summarise_pairs_repeats_and_skips_missing_variants():

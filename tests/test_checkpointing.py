@@ -34,7 +34,7 @@ ARGS = ["--method", "deal", "--model", "tiny-random-llama", "--tasks", "agnews,a
 5-6 are amazon's first epoch, 7-8 its second (another data order, drawn from the data-order generator)."""
 # measured over what this process ran (a resumed task counts its token saving from the resume on)
 TIMING = {"train_seconds", "eval_seconds", "samples_per_second", "peak_rss_bytes", "wall_seconds",
-          "shared_prefix_token_saving"}
+          "shared_prefix_token_saving", "padded_token_positions", "computed_token_positions"}
 ADAPTERS = ["1-agnews", "2-amazon"]
 
 

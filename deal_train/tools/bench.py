@@ -336,6 +336,8 @@ class Bench:
                 "tokens_per_second": data_in.train_tokens / seconds, "train_samples": stats["train_samples"],
                 "mean_loss": stats["mean_loss"], "final_loss": stats["final_loss"],
                 "shared_prefix_token_saving": stats.get("shared_prefix_token_saving"),
+                "padded_token_positions": stats.get("padded_token_positions", 0),
+                "computed_token_positions": stats.get("computed_token_positions", 0),
                 "trainable_parameters": stats["trainable_parameters"],
                 "skipped_nonfinite_steps": stats.get("skipped_nonfinite_steps", 0),
                 "setup_seconds": setup.get("seconds", 0.0), "memory": prof.result.to_dict()}

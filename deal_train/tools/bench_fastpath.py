@@ -51,12 +51,15 @@ class Variant:
             (``generate_predictions``) or ``trl`` (TRL's ``SFTTrainer``; skipped when trl is not importable).
         method: ``lora`` or ``deal`` (``train`` only; DEAL runs as task 2).
         overrides: TrainConfig keys replaced for this variant (e.g. ``{"shared_prefix": False}``).
+        sort_prompts: ``eval`` only: batch the prompts longest first (False: row order, the path before the fast
+            path).
     """
 
     name: str
     kind: str
     method: str = "lora"
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    sort_prompts: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,20 +74,25 @@ class Ratio:
 
 
 TODAY, FAST = {"shared_prefix": False}, {"shared_prefix": True}
+GROUPED = {"shared_prefix": True, "group_by_length": True}
 VARIANTS: tuple[Variant, ...] = (
     Variant("lora_today", "train", "lora", TODAY),
     Variant("lora_fast", "train", "lora", FAST),
+    Variant("lora_fast_grouped", "train", "lora", GROUPED),
     Variant("deal_today", "train", "deal", TODAY),
     Variant("deal_fast", "train", "deal", FAST),
     Variant("bare", "bare", "lora", TODAY),
-    Variant("eval_today", "eval", overrides=TODAY),
+    Variant("eval_today", "eval", overrides=TODAY, sort_prompts=False),
+    Variant("eval_sorted", "eval", overrides=TODAY),
     Variant("eval_fast", "eval", overrides=FAST),
     Variant("trl", "trl", "lora", TODAY),
 )
 RATIOS: tuple[Ratio, ...] = (
     Ratio("train_fast_today_lora", "lora_fast", "lora_today", "samples_per_second", (">=", 2.0)),
     Ratio("train_fast_today_deal", "deal_fast", "deal_today", "samples_per_second", (">=", 2.0)),
+    Ratio("train_grouped_today_lora", "lora_fast_grouped", "lora_today", "samples_per_second", (">=", 2.0)),
     Ratio("eval_fast_today", "eval_fast", "eval_today", "samples_per_second", (">=", 2.5)),
+    Ratio("eval_sorted_today", "eval_sorted", "eval_today", "samples_per_second"),
     Ratio("deal_lora_step_time_fast", "deal_fast", "lora_fast", "time_per_step"),
     Ratio("loop_bare_step_time", "lora_today", "bare", "time_per_step", ("<=", 1.02)),
     Ratio("ours_fast_over_trl", "lora_fast", "trl", "samples_per_second"),
@@ -174,7 +182,7 @@ class FastpathBench:
         if variant.kind == "bare":
             return self._bare(cfg, record)
         if variant.kind == "eval":
-            return self._eval(cfg, record)
+            return self._eval(cfg, record, variant.sort_prompts)
         if variant.kind == "trl":
             return self._trl(cfg)
         raise ValueError(f"unknown variant kind {variant.kind!r}")
@@ -186,7 +194,7 @@ class FastpathBench:
                 "mean_loss": statistics.fmean(losses) if losses else None}
 
     def _train(self, variant: Variant, cfg: TrainConfig, record: bool) -> dict:
-        seconds = steps = samples = 0
+        seconds = steps = samples = padded = computed = 0
         losses, seen, savings = [], [], []
         for t in self.tasks:
             r = self.bench.train_once(variant.method, False, cfg=cfg, data=t.data, seen=seen if record else None)
@@ -195,7 +203,10 @@ class FastpathBench:
             samples += r["train_samples"]
             losses.append(r["mean_loss"])
             savings.append(r["shared_prefix_token_saving"] or 0.0)
+            padded += r["padded_token_positions"]
+            computed += r["computed_token_positions"]
         out = self._train_figures(seconds, steps, samples, losses)
+        out["padded_token_positions"], out["computed_token_positions"] = padded, computed
         # the fast path's ceiling: padded token positions / positions it runs (1 / (1 - saving); 1 when off)
         out["token_ratio_bound"] = 1 / (1 - statistics.fmean(savings))
         if record:
@@ -263,7 +274,7 @@ class FastpathBench:
                 if ".lora_B." in name:
                     p.zero_()
 
-    def _eval(self, cfg: TrainConfig, record: bool) -> dict:
+    def _eval(self, cfg: TrainConfig, record: bool, sort_prompts: bool = True) -> dict:
         """``generate_predictions`` over every task's evaluation rows (``zero_shot`` adapter); the timed call
         includes the prefix pass (once per task)."""
         from ..train.evaluation import generate_predictions
@@ -274,11 +285,15 @@ class FastpathBench:
         for t in self.tasks:
             start = time.perf_counter()
             preds = generate_predictions(b.model, b.tokenizer, t.eval_features, cfg.per_device_eval_batch_size,
-                                         cfg.max_new_tokens, shared_prefix=cfg.shared_prefix)
+                                         cfg.max_new_tokens, shared_prefix=cfg.shared_prefix,
+                                         sort_by_length=sort_prompts)
             seconds += time.perf_counter() - start
             rows += len(preds)
             predictions.append([p["prediction"] for p in preds])
-        out = {"eval_seconds": seconds, "samples_per_second": rows / seconds, "rows": rows}
+        out = {"eval_seconds": seconds, "samples_per_second": rows / seconds, "rows": rows,
+               "prompt_token_positions": sum(prompt_token_positions(t.data.prompts, cfg.per_device_eval_batch_size,
+                                                                    cfg.shared_prefix, sort_prompts)
+                                             for t in self.tasks)}
         if record:
             out["seen"] = predictions
         return out
@@ -507,6 +522,45 @@ def summarise(raw: dict[str, list[dict]], ratios: Sequence[Ratio] = RATIOS) -> t
     return out, summary
 
 
+def prompt_token_positions(prompts: Sequence[Sequence[int]], batch_size: int, shared_prefix: bool,
+                           sort_prompts: bool = True) -> int:
+    """Prompt token positions the first (prefill) forward pass of ``generate_predictions`` runs over one task:
+    batches of ``batch_size`` prompts (sorted longest first, or in row order), each ``rows x width``; with
+    ``shared_prefix`` the common prefix (``common_prefix_length``) once plus ``rows x (width - P)``. Decoding steps
+    are not counted."""
+    from ..train.evaluation import common_prefix_length
+
+    lengths = [len(p) for p in prompts]
+    if sort_prompts:
+        lengths.sort(reverse=True)
+    p = common_prefix_length(prompts) if shared_prefix else 0
+    total = p
+    for i in range(0, len(lengths), batch_size):
+        chunk = lengths[i:i + batch_size]
+        total += len(chunk) * (max(chunk) - p)
+    return total
+
+
+def token_bounds_vs_today(summary: dict) -> dict[str, float]:
+    """For each variant ``<kind>_...`` other than ``<kind>_today``: today's padded token positions / the positions
+    the variant computes (medians; training: the micro batches, evaluation: the prompts' prefill pass), the most a
+    variant that only drops token positions (shared prefix, less padding) can gain over today's path on the same
+    rows."""
+    out = {}
+    for name, s in summary.items():
+        method = name.split("_")[0]
+        today = summary.get(f"{method}_today")
+        if name == f"{method}_today" or not today:
+            continue
+        if "computed_token_positions" in s and "padded_token_positions" in today:
+            if s["computed_token_positions"]["median"]:
+                out[name] = today["padded_token_positions"]["median"] / s["computed_token_positions"]["median"]
+        elif "prompt_token_positions" in s and "prompt_token_positions" in today:  # evaluation: the prefill
+            if s["prompt_token_positions"]["median"]:
+                out[name] = today["prompt_token_positions"]["median"] / s["prompt_token_positions"]["median"]
+    return out
+
+
 def same_batches(a: list[dict], b: list[dict]) -> bool:
     """Whether two recorded batch lists hold the same ``input_ids``, ``attention_mask`` and ``labels`` in order."""
     if len(a) != len(b):
@@ -523,15 +577,19 @@ def format_fastpath_table(result: dict) -> str:
              f"{st['gradient_accumulation_steps']}, {st['train_steps']} optimizer steps per task and repeat, eval "
              f"{st['eval_samples']} rows at batch {st['per_device_eval_batch_size']}, max_new_tokens "
              f"{st['max_new_tokens']}; {st['repeats']} interleaved repeats (ABBA) after {st['warmup']} warm-up",
-             "", f"{'variant':<12}{'samples/s':>14}{'time/step (s)':>16}{'spread %':>10}"]
+             "", f"{'variant':<18}{'samples/s':>14}{'time/step (s)':>16}{'spread %':>10}"]
     for name, s in result["summary"].items():
         step = f"{s['time_per_step']['median']:.3f}" if "time_per_step" in s else "-"
-        lines.append(f"{name:<12}{s['samples_per_second']['median']:>14.2f}{step:>16}"
+        lines.append(f"{name:<18}{s['samples_per_second']['median']:>14.2f}{step:>16}"
                      f"{s['samples_per_second']['spread_pct']:>10.1f}")
     bounds = {n: s["token_ratio_bound"]["median"] for n, s in result["summary"].items() if "token_ratio_bound" in s}
     if any(b > 1 for b in bounds.values()):
         lines.append("token bound of the fast path (padded / computed token positions): " +
                      ", ".join(f"{n} {b:.2f}x" for n, b in bounds.items() if b > 1))
+    vs_today = token_bounds_vs_today(result["summary"])
+    if vs_today:
+        lines.append("token bound against today's path (today's padded positions / positions the variant "
+                     "computes, same rows): " + ", ".join(f"{n} {b:.2f}x" for n, b in vs_today.items()))
     lines += ["", f"{'ratio (paired per repeat)':<28}{'figure':<20}{'median':>8}  {'[min-max]':<16}{'spread %':>9}"
                   f"  target"]
     for name, r in result["ratios"].items():

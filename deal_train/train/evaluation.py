@@ -66,7 +66,8 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
 
 
 def generate_predictions(model, tokenizer, features, batch_size: int, max_new_tokens: int,
-                         accelerator=None, desc: str | None = None, shared_prefix: bool = False) -> list[dict]:
+                         accelerator=None, desc: str | None = None, shared_prefix: bool = False,
+                         sort_by_length: bool = True) -> list[dict]:
     """Greedy generation for a tokenised evaluation set (left padding; only the new tokens are decoded: for a
     decoder-only model the tokens after the prompt, for an encoder-decoder model the decoder's tokens after its
     start token). Batches hold prompts of similar length (longest first: less padding); generation of a batch
@@ -83,6 +84,8 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
         accelerator: when given (several processes), each process generates a shard and the results are gathered.
         desc: label of a progress bar (none when None or on processes other than the main one).
         shared_prefix: start every batch from the cached shared prompt prefix (ignored for encoder-decoders).
+        sort_by_length: batch the prompts longest first (False: in row order, the path before the fast path;
+            the benchmark's baseline). The returned rows are in row order either way.
     Returns:
         One dict per row in row order: ``index``, ``prediction`` (str), ``label`` (str).
     """
@@ -105,7 +108,8 @@ def generate_predictions(model, tokenizer, features, batch_size: int, max_new_to
         if synced:
             per_rank = -(-len(features) // accelerator.num_processes)
             indices = indices + (indices[-1:] or [0]) * (per_rank - len(indices))
-    indices.sort(key=lambda i: -len(prompts[i]))  # longest first (stable): similar lengths share a batch
+    if sort_by_length:
+        indices.sort(key=lambda i: -len(prompts[i]))  # longest first (stable): similar lengths share a batch
     loader = DataLoader(features.select(indices), batch_size=batch_size, shuffle=False,
                         collate_fn=lambda b: collate_eval(b, tokenizer.pad_token_id))
     show = desc is not None and (accelerator is None or accelerator.is_local_main_process)

@@ -301,4 +301,7 @@ def finish_task(accelerator: Accelerator, zero3: Zero3, setup: TaskSetup, method
             "mean_loss": sum(losses) / len(losses) if losses else None,
             "trainable_parameters": setup.n_trainable, "skipped_nonfinite_steps": progress.skipped,
             "relative_change": change,
-            "shared_prefix_token_saving": saving if setup.shared_prefix else None}
+            "shared_prefix_token_saving": saving if setup.shared_prefix else None,
+            # token positions of this process's micro batches: padded (batch x width, what the full pass runs) and
+            # computed (prefix once + suffixes); decoder-only, 0 for encoder-decoder models
+            "padded_token_positions": setup.padded_tokens, "computed_token_positions": setup.forward_tokens}
