@@ -1,7 +1,7 @@
 """Split of one DEAL (task 2) train step against LoRA on SmolLM2-135M, ms per step (CPU, fp32, batch 8 real
 dbpedia rows, LoRA r=8 on q_proj,v_proj): LoRA fwd+bwd, DEAL fwd+bwd uncached / inside ``forward_context``,
 the factor builds alone (every DEALFactor once) and the regulariser (incl. drift) alone. Median of --repeats,
-interleaved. ``python scripts/profile_deal_step.py [--repeats 5]``; needs DEAL_TRAIN_DATA_DIR."""
+interleaved. ``python scripts/profile_deal_step.py [--repeats 5] [--threads 2]``; needs DEAL_TRAIN_DATA_DIR."""
 import argparse, statistics, time, torch
 from deal_train.config import TrainConfig
 from deal_train.data import Encoder, collate_train
@@ -12,8 +12,9 @@ from deal_train.model.losses import answer_forward, token_cross_entropy_sum
 from deal_train.model.precision import load_base_model
 from deal_train.train.loop import prepare_data, tokenise
 
-ap = argparse.ArgumentParser(); ap.add_argument("--repeats", type=int, default=5); a = ap.parse_args()
-torch.set_num_threads(2)
+ap = argparse.ArgumentParser(); ap.add_argument("--repeats", type=int, default=5)
+ap.add_argument("--threads", type=int, default=2); a = ap.parse_args()
+torch.set_num_threads(a.threads)
 kw = dict(model="smollm2-135m-instruct", tasks=["dbpedia"], max_train_samples=8, max_test_samples=1,
           per_device_train_batch_size=8, lora_rank=8, output_dir="unused")
 def build(name):

@@ -66,6 +66,17 @@ def test_batches_are_sorted_within_mega_batches_and_epochs_differ():
         assert flat != sorted(flat, reverse=True)  # mega-batches: not one global sort
 
 
+def test_one_mega_batch_is_not_fed_longest_to_shortest():
+    lengths = list(range(1, 201))  # 200 rows, batch 8, group 50: the whole epoch is one mega-batch
+    batches = list(_sampler(lengths, batch=8, group=50))
+    heads = [lengths[b[0]] for b in batches]
+    assert heads[0] == 200  # the longest row first
+    assert heads[1:] != sorted(heads[1:], reverse=True)  # no length curriculum over the epoch
+    # the same batches as a plain sort would give (same padding): consecutive runs of 8 by length
+    assert sorted(tuple(sorted(lengths[i] for i in b)) for b in batches) == \
+        [tuple(range(k, k + 8)) for k in range(1, 201, 8)]
+
+
 def test_same_seed_same_batches_other_seed_other_batches(real_lengths):
     a, b, c = (list(_sampler(real_lengths, 8, 50, seed)) for seed in (42, 42, 43))
     assert a == b and a != c

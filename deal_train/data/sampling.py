@@ -3,8 +3,10 @@ batch is padding.
 
 As Hugging Face transformers' ``LengthGroupedSampler``: every epoch the rows are shuffled with the task's data
 order generator, cut into mega-batches of ``length_group_size × batch_size`` rows, each mega-batch sorted by
-length (longest first) and cut into micro batches; the batch holding the longest row goes first, so an
-out-of-memory error shows at the first step rather than late in the epoch. All randomness comes from the
+length (longest first) and cut into micro batches. Unlike Hugging Face's sampler the micro batches are then put in
+a random order (the short last batch stays last), so that an epoch of one mega-batch is not fed from its longest
+rows to its shortest; the batch holding the longest row goes first, so an out-of-memory error shows at the first
+step rather than late in the epoch. All randomness comes from the
 generator, so restoring its state at an epoch start (``train.checkpointing``) gives the same batches again.
 """
 
@@ -71,6 +73,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         for start in range(0, n, mega):
             group = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])  # stable: ties keep the shuffle
             batches.extend(group[j:j + size] for j in range(0, len(group), size))
+        # the batches in random order (the short last one stays last): sorted mega-batches alone would feed an
+        # epoch that fits in one mega-batch from its longest rows to its shortest, a length curriculum (measured
+        # on SmolLM2 dbpedia, 200 rows: 24 % exact match after the task against 33 % shuffled)
+        full = [b for b in batches if len(b) == size]
+        short = [b for b in batches if len(b) < size]
+        batches = [full[i] for i in torch.randperm(len(full), generator=self.generator).tolist()] + short
         # each batch is sorted, so its first row is its longest
         longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
         if len(batches[longest]) == len(batches[0]):
