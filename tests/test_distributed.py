@@ -120,6 +120,21 @@ def test_deepspeed_zero2_two_processes_equal_one_process(reference, tmp_path):
     assert "shm_comm" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
 
 
+def test_deepspeed_zero3_deal_without_checkpointing_falls_back_on_its_own_tasks(reference, tmp_path):
+    """ZeRO-3 without gradient checkpointing, shared_prefix on: task 1 (plain LoRA) takes the fast path, DEAL's task
+    2 the full pass (its DEALFactor leaf modules would be reduced once per pass: DeepSpeed asserted), said once;
+    the run equals the one-process full-pass reference."""
+    ref_out, ref_metrics = reference
+    proc = _launch("deepspeed_zero3", tmp_path / "z3", "--per_device_train_batch_size", "2", "--mixed_precision", "no")
+    out = proc.stdout + proc.stderr
+    assert out.count("training uses the full forward pass with method deal under ZeRO-3") == 1, out[-3000:]
+    metrics = json.loads((tmp_path / "z3" / "metrics.json").read_text())
+    saving = [p["shared_prefix_token_saving"] for p in metrics["per_task"]]
+    assert saving[0] > 0 and saving[1] is None
+    _assert_two_processes(tmp_path / "z3", ref_metrics)
+    _assert_same_adapters(tmp_path / "z3", ref_out)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs the op is left alone")
 def test_skip_cpu_shared_memory_op_for_deepspeed_on_cpu(monkeypatch):
     import deepspeed.ops

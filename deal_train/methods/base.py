@@ -64,6 +64,10 @@ class ContinualMethod:
     """``"proposed"``: the method the results page judges; ``"plain"``: the plain LoRA baseline set against it."""
     paper_aa: dict[str, float] | None = None
     """The paper's Table 1 AA (%) of this method per backbone and benchmark (docs/design.md section 5), if any."""
+    shared_prefix_zero3 = True
+    """Whether training may take the shared-prefix path (``model/prefix.py``) under ZeRO-3. False for a method whose
+    trainable modules are ZeRO-3 leaf modules (their gradients are reduced in the module's backward hook, which the
+    prefix and the suffix pass would each fire: DeepSpeed then reduces a parameter twice and asserts)."""
     memory_kind = "lora"
     """What ``estimate_memory`` counts for its later tasks: ``lora`` (one rank-r adapter) or ``deal``."""
 

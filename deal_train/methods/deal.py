@@ -43,6 +43,7 @@ class DEAL(ContinualMethod):
     results_role = "proposed"
     paper_aa = paper_row(87.7, 78.5, 73.9, 88.9, 78.9, 74.6)
     memory_kind = "deal"
+    shared_prefix_zero3 = False  # DEALFactor is a ZeRO-3 leaf module: two passes would reduce its gradients twice
 
     @classmethod
     def profile_config(cls, profile: str) -> dict:

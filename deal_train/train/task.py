@@ -143,7 +143,7 @@ def start_task(accelerator: Accelerator, zero3: Zero3, model, method: ContinualM
     groups = [g for g in method.param_groups(model) if g["params"]]
     optimizer = precision.build_optimizer(cfg, groups)
     generator = torch.Generator().manual_seed(cfg.seed + task_index)
-    use_prefix = use_shared_prefix(accelerator, model, cfg, data.task.name)
+    use_prefix = use_shared_prefix(accelerator, model, cfg, data.task.name, method, zero3.active, task_index)
     train_set = concatenate_datasets([data.train_features, *data.replay_features]) if data.replay_features \
         else data.train_features
     order = dict(batch_size=cfg.per_device_train_batch_size, shuffle=True) if not cfg.group_by_length \
@@ -158,12 +158,18 @@ def start_task(accelerator: Accelerator, zero3: Zero3, model, method: ContinualM
                      steps_per_epoch, steps_per_epoch * cfg.num_train_epochs, use_prefix)
 
 
-def use_shared_prefix(accelerator: Accelerator, model, cfg: TrainConfig, task_name: str) -> bool:
+def use_shared_prefix(accelerator: Accelerator, model, cfg: TrainConfig, task_name: str,
+                      method: ContinualMethod | None = None, zero3: bool = False, task_index: int = 0) -> bool:
     """Whether this task's micro batches take the shared-prefix path (``cfg.shared_prefix`` and a model it
-    supports, ``model.prefix.supported``); prints why not when it was asked for but cannot run."""
+    supports, ``model.prefix.supported``; under ZeRO-3 also a method that allows it, ``shared_prefix_zero3``, on
+    the tasks where its own modules train, i.e. after the first); prints why not when it was asked for but cannot
+    run."""
     if not cfg.shared_prefix:
         return False
     reason = shared_prefix.supported(model)
+    if reason is None and zero3 and method is not None and not method.shared_prefix_zero3 and task_index > 0:
+        reason = (f"method {method.name} under ZeRO-3 (its trainable modules are ZeRO-3 leaf modules whose gradients "
+                  f"would be reduced once per pass)")
     if reason is not None:
         accelerator.print(f"task {task_name}: shared_prefix is on but training uses the full forward pass with "
                           f"{reason}.")
