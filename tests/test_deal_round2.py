@@ -106,9 +106,13 @@ def test_cli_flags_yaml_null_and_sweep_values(tmp_path):
     path.write_text("deal_lambda_drift_history: null\ndeal_lambda_drift_residual: 1\n")
     cfg = config_from_args(build_parser().parse_args(["--config", str(path)]))
     assert cfg.deal_lambda_drift_history is None and cfg.deal_lambda_drift_residual == 1.0
-    from deal_train.tools.sweep import parse_grid
+    from deal_train.tools.sweep import parse_grid, point_configs
 
-    assert parse_grid(["deal_lambda_drift_residual=null,0.1"]) == [("deal_lambda_drift_residual", [None, 0.1])]
+    grid = parse_grid(["deal_lambda_drift_residual=null,0.1"])
+    assert grid == [("deal_lambda_drift_residual", [None, 0.1])]
+    points = point_configs(TrainConfig(output_dir=str(tmp_path)), grid)
+    assert [(name, cfg.deal_lambda_drift_residual) for name, _s, cfg in points] == \
+        [("deal_lambda_drift_residual=null", None), ("deal_lambda_drift_residual=0.1", 0.1)]
 
 
 @pytest.mark.parametrize("argv,match", [
