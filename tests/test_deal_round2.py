@@ -440,3 +440,48 @@ def test_memory_estimate_counts_the_new_buffers(tokenizer):
         buffers = sum(b.numel() for f in deal.factors for b in f.buffers())
         e = estimate(cfg.model, "deal", cfg, PROFILES["cpu"], shapes=model_shapes(cfg.model, cfg.target_modules))
         assert e.components["deal_parameters"] == 4 * (count + theta + buffers), switches
+
+
+# --- a task resumed mid-way with the switches on ----------------------------------------------------------------
+ROUND2_ARGS = ["--deal_project_residual", "both", "--deal_project_energy", "0.8", "--deal_drift_weighting",
+               "spectral", "--deal_lambda_drift_history", "1.0", "--deal_residual_update", "true"]
+
+
+def test_sigint_in_task_2_then_resume_gives_the_same_run_with_the_switches_on(tmp_path, capsys):
+    """The projection basis, the spectral weights and the split drift survive a step checkpoint: a run stopped by
+    SIGINT inside task 2 (DEAL) and rerun ends with the uninterrupted run's adapters, byte for byte; a rerun with a
+    switch flipped is refused (the switches are not resume-ignored)."""
+    import json
+    import os
+    import signal
+
+    from deal_train.cli import run_cli
+    from deal_train.train.checkpointing import StepCheckpointer
+    from deal_train.train.loop import run
+    from test_checkpointing import ADAPTERS, ARGS
+
+    ref_out, out = tmp_path / "ref", tmp_path / "run"
+    assert run_cli(run, [*ARGS, *ROUND2_ARGS, "--output_dir", str(ref_out)]) == 0
+    after_step = StepCheckpointer.after_step
+
+    def interrupt_at_step_6(self, progress, task_name):
+        if progress.global_step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return after_step(self, progress, task_name)
+
+    argv = [*ARGS, *ROUND2_ARGS, "--output_dir", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StepCheckpointer, "after_step", interrupt_at_step_6)
+        assert run_cli(run, argv) == 130
+    assert json.loads((out / "metrics.json").read_text())["completed_tasks"] == 1
+    capsys.readouterr()
+    assert run_cli(run, [*argv, "--deal_drift_weighting", "flat"]) == 2
+    assert "deal_drift_weighting" in capsys.readouterr().err
+    assert run_cli(run, argv) == 0
+    assert "resuming task 2 from" in capsys.readouterr().out
+    for a in ADAPTERS:
+        assert (out / "adapters" / a / "adapter_model.safetensors").read_bytes() == \
+            (ref_out / "adapters" / a / "adapter_model.safetensors").read_bytes(), a
+    saved = json.loads((out / "metrics.json").read_text())["config"]
+    assert (saved["deal_project_residual"], saved["deal_drift_weighting"], saved["deal_lambda_drift_history"]) == \
+        ("both", "spectral", 1.0)
