@@ -74,7 +74,7 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     total = float(cumulative[-1]) if e.numel() else 0.0
     if total <= 0.0:
         return 0
-    return int((cumulative < energy * total).sum()) + 1 if energy < 1.0 else int((e > 0).sum())
+    return min(int((cumulative < energy * total).sum()) + 1, e.numel()) if energy < 1.0 else int((e > 0).sum())
 
 
 class RetentionStack(nn.Module):
