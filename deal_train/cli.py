@@ -13,7 +13,8 @@ import sys
 from typing import Any, Callable, Sequence
 
 
-from .config import apply_profile, ConfigError, TrainConfig, coerce_value, config_fields, read_yaml, validate
+from .config import (OPTIONAL_FLOAT, apply_profile, ConfigError, TrainConfig, coerce_value, config_fields, read_yaml,
+                     validate)
 from .methods import METHOD_NAMES, check_method_name
 
 
@@ -22,6 +23,8 @@ def _fmt_default(value: Any) -> str:
         return ",".join(value) if value else "(empty)"
     if value == "":
         return "(empty)"
+    if value is None:
+        return "null"
     return str(value)
 
 
@@ -40,7 +43,8 @@ def build_parser(prog: str = "deal_train", description: str | None = None) -> ar
         if choices is not None:
             help_text += f" Choices: {', '.join(map(str, choices))}."
         help_text += f" Default: {_fmt_default(default)}."
-        metavar = "BOOL" if typ is bool else ("A,B,..." if typ == list[str] else typ.__name__.upper())
+        metavar = ("BOOL" if typ is bool else "A,B,..." if typ == list[str] else "FLOAT|null" if typ == OPTIONAL_FLOAT
+                   else typ.__name__.upper())
         parser.add_argument(f"--{name}", dest=name, default=None, metavar=metavar, help=help_text)
     parser.add_argument("--allow-unordered-norms", dest="allow_unordered_norms", action="store_const", const="true",
                         help="Flag form of --allow_unordered_norms true.")

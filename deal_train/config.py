@@ -189,6 +189,31 @@ class TrainConfig:
                                            "at learning_rate) to every filtered factor: O = MLP(filter(Y)) + R. Gives "
                                            "DEAL LoRA's plasticity; the drift penalty keeps it near the history "
                                            "(ours, not the paper's; off in the paper profile).")
+    deal_project_residual: str = _f("none", "Project what each task adds on top of the filtered history (the update "
+                                            "MLP's correction and the residual R) off the history's top-k singular "
+                                            "directions: O = X_hat + (I - U_k U_k^T)(MLP(X_hat) - X_hat + R), U_k the "
+                                            "top-k left singular vectors of Y (lora_A: input directions, A's right "
+                                            "singular vectors; lora_B: output directions), fixed at the task's start "
+                                            "(docs/design.md section 3.1). none, or the factors it applies to: A, B, "
+                                            "both (ours; off in both profiles).", ("none", "A", "B", "both"))
+    deal_project_energy: float = _f(0.95, "k of deal_project_residual: the smallest number of the history's singular "
+                                          "values whose sum of s_i^2 reaches this share (0, 1] of sum s^2 "
+                                          "(docs/design.md section 3.1).")
+    deal_drift_weighting: str = _f("flat", "Drift penalty measure: flat ||O - Y||_F^2 / ||Y||_F^2, or spectral: "
+                                           "(sum_i w_i ||u_i^T (O - Y)||^2 + ||(I - U U^T)(O - Y)||_F^2) / ||Y||_F^2 "
+                                           "in the history's singular basis U, w_i = s_i / mean(s), so moving a "
+                                           "strong direction costs more; equal to flat for a uniform spectrum "
+                                           "(docs/design.md section 3.2; ours).", ("flat", "spectral"))
+    deal_lambda_drift_history: float | None = _f(None, "Separate drift weight of the history part: lambda_h sum "
+                                                       "||X_hat - Y||^2 / ||Y||^2 (X_hat the filtered history). Set "
+                                                       "this or deal_lambda_drift_residual to split the drift penalty "
+                                                       "into the two parts (docs/design.md section 3.3); null: "
+                                                       "deal_lambda_drift.")
+    deal_lambda_drift_residual: float | None = _f(None, "Separate drift weight of the residual part: lambda_r sum "
+                                                        "||O - X_hat||^2 / ||Y||^2 (what the update MLP and R add). "
+                                                        "null: deal_lambda_drift; both null: the unsplit penalty "
+                                                        "deal_lambda_drift sum ||O - Y||^2 / ||Y||^2 "
+                                                        "(docs/design.md section 3.3).")
 
     # --- baselines (docs/design.md section 4) ------------------------------------------------------
     o_lora_lambda_orth: float = _f(0.5, "O-LoRA lambda_orth: weight of sum_i sum_layers sum |A_i A_t^T| (elementwise "
@@ -230,9 +255,12 @@ class TrainConfig:
 PAPER_PROFILE: dict[str, Any] = {
     "deal_lambda_retention": 0.01, "deal_norm_retention": 10.0, "deal_lambda_update": 0.001, "deal_norm_update": 2.0,
     "deal_reg_target": "raw", "deal_reg_form": "norm", "deal_lambda_drift": 0.0, "deal_residual_update": False,
+    "deal_project_residual": "none", "deal_drift_weighting": "flat", "deal_lambda_drift_history": None,
+    "deal_lambda_drift_residual": None,
 }
 """``deal_profile: paper``: the paper's literal DEAL (Eq. 12 on the raw parameters with the reference scripts'
-lambda_1 = 0.01, a = 10, lambda_2 = 0.001, b = 2; no drift penalty, no residual update)."""
+lambda_1 = 0.01, a = 10, lambda_2 = 0.001, b = 2; no drift penalty, no residual update, none of the round-2
+switches: projection, spectral drift weighting, split drift weights)."""
 
 TUNED_PROFILE: dict[str, Any] = {}
 """``deal_profile: tuned``: the TrainConfig defaults (the winner of docs/deal_defaults.md's search)."""
@@ -258,6 +286,11 @@ def apply_profile(values: dict[str, Any]) -> dict[str, Any]:
         A new dict: the preset's values under ``values``.
     """
     return {**PROFILES[values.get("deal_profile", "tuned")], **values}
+
+
+OPTIONAL_FLOAT = float | None
+"""The type of keys that take a number or null (YAML ``null``/``~``; ``null``, ``none`` or empty on the command line)."""
+NULL_WORDS = ("", "null", "none", "~")
 
 
 def config_fields() -> list[tuple[str, type, Any, dict]]:
@@ -293,6 +326,12 @@ def coerce_value(name: str, typ: type, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if typ == OPTIONAL_FLOAT:
+            if value is None or (isinstance(value, str) and value.strip().lower() in NULL_WORDS):
+                return None
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
         if typ is str:
             if isinstance(value, (list, dict)):
                 raise ValueError
@@ -307,7 +346,8 @@ def coerce_value(name: str, typ: type, value: Any, source: str) -> Any:
         pass
     else:
         return value
-    tname = "list of strings (comma-separated)" if typ == list[str] else typ.__name__
+    tname = ("list of strings (comma-separated)" if typ == list[str]
+             else "float or null" if typ == OPTIONAL_FLOAT else typ.__name__)
     raise ConfigError(f"{source}: key '{name}' expects a {tname}, got {value!r}.")
 
 
@@ -328,8 +368,9 @@ def validate(cfg: TrainConfig) -> None:
                 "deal_scales", "deal_layers", "deal_mlp_hidden", "logging_steps", "max_nonfinite_steps", "ewc_fisher_batches",
                 "length_group_size"]
     for name, typ, _default, _meta in config_fields():
-        if typ is float and not math.isfinite(getattr(cfg, name)):
-            raise ConfigError(f"Config key '{name}' must be a finite number, got {getattr(cfg, name)}.")
+        value = getattr(cfg, name)
+        if (typ is float or (typ == OPTIONAL_FLOAT and value is not None)) and not math.isfinite(value):
+            raise ConfigError(f"Config key '{name}' must be a finite number, got {value}.")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"Config key '{name}' must be > 0, got {getattr(cfg, name)}.")
@@ -342,6 +383,19 @@ def validate(cfg: TrainConfig) -> None:
                  "o_lora_lambda_l2", "replay_samples_per_task", "ewc_lambda", "lwf_weight"]:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"Config key '{name}' must be >= 0, got {getattr(cfg, name)}.")
+    for name in ["deal_lambda_drift_history", "deal_lambda_drift_residual"]:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise ConfigError(f"Config key '{name}' must be >= 0 or null (null: use deal_lambda_drift), got "
+                              f"{getattr(cfg, name)}.")
+    if not 0 < cfg.deal_project_energy <= 1:
+        raise ConfigError(f"Config key 'deal_project_energy' must be in (0, 1] (the share of the history's energy "
+                          f"sum s_i^2 whose directions deal_project_residual protects; e.g. 0.95), got "
+                          f"{cfg.deal_project_energy}.")
+    if cfg.deal_project_residual in ("A", "B") and cfg.deal_update not in ("both", cfg.deal_project_residual):
+        raise ConfigError(f"deal_project_residual is {cfg.deal_project_residual!r} but deal_update is "
+                          f"{cfg.deal_update!r}: DEAL does not map lora_{cfg.deal_project_residual}, so there is "
+                          f"nothing to project. Set deal_project_residual to {cfg.deal_update!r} (or both), or "
+                          f"deal_update to both.")
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"Config key 'lora_dropout' must be in [0, 1) (a probability; 1 drops every LoRA input), "
                           f"got {cfg.lora_dropout}.")

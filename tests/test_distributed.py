@@ -135,6 +135,44 @@ def test_deepspeed_zero3_deal_without_checkpointing_falls_back_on_its_own_tasks(
     _assert_same_adapters(tmp_path / "z3", ref_out)
 
 
+ROUND2 = {"deal_project_residual": "A", "deal_project_energy": 1.0, "deal_drift_weighting": "spectral",
+          "deal_lambda_drift": 0.1, "deal_lambda_drift_history": 1.0}
+"""DEAL's round-2 switches on (docs/design.md 3.1-3.3): the projection, the spectral drift, split drift weights
+(λ_h = 1, λ_r = deal_lambda_drift). The projection is taken on lora_A off the whole span of its history (energy 1)
+because a projector moves by about δ / (s_k − s_(k+1)) when the history moves by δ: task 1's cross-process
+differences (δ up to 4e-7) and the cut k = 3 of energy 0.8 inside a pair s_3 ≈ s_4 (0.458, 0.441) once gave 2.4e-6
+(DDP), over TOL, from conditioning alone (without the projection: 3.4e-7). Off the whole span of A (s_min ≥ 0.44)
+the amplification is about 1; the code path (buffers, functional drift under ZeRO-3) is the same for A and B."""
+
+
+@pytest.fixture(scope="module")
+def reference_round2(tmp_path_factory):
+    """As ``reference``, with the round-2 switches on."""
+    out = tmp_path_factory.mktemp("ref_round2") / "run"
+    cfg = TrainConfig(method="deal", output_dir=str(out), shared_prefix=False, **TINY_RUN, **ROUND2)
+    return out, run(cfg)
+
+
+@pytest.mark.parametrize("profile", ["multi_cpu", "deepspeed_zero3"])
+def test_round2_switches_two_processes_equal_one_process(reference_round2, tmp_path, profile):
+    """2-process DDP and ZeRO-3 with the projection, the spectral drift and the split drift weights on: the same
+    adapters (1e-6) and global losses as one process. Under ZeRO-3 the split drift runs on gathered parameter copies
+    (``live_named``) through ``DEALFactor.drift_parts``, and the projection's basis is a buffer ZeRO-3 leaves whole.
+    ZeRO-3 runs with gradient checkpointing, as ``test_deepspeed_zero3_keeps_deal_history_and_saves_complete_adapters``
+    does (without it DEAL's tasks take the full pass under ZeRO-3, see
+    ``test_deepspeed_zero3_deal_without_checkpointing_falls_back_on_its_own_tasks``)."""
+    ref_out, ref_metrics = reference_round2
+    out = tmp_path / profile
+    extra = [arg for key, value in ROUND2.items() for arg in (f"--{key}", str(value))]
+    if profile == "deepspeed_zero3":
+        extra += ["--gradient_checkpointing", "true"]
+    _launch(profile, out, "--per_device_train_batch_size", "2", "--mixed_precision", "no", *extra)
+    _assert_two_processes(out, ref_metrics)
+    for cfg in (json.loads((out / "metrics.json").read_text())["config"], ref_metrics["config"]):
+        assert {k: cfg[k] for k in ROUND2} == ROUND2
+    _assert_same_adapters(out, ref_out)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs the op is left alone")
 def test_skip_cpu_shared_memory_op_for_deepspeed_on_cpu(monkeypatch):
     import deepspeed.ops

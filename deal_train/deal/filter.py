@@ -22,6 +22,13 @@ by the previous task are the frozen *history* and DEAL learns a map ``Y -> O``:
 3. Regularisers (Eq. 12) on the retention parameters θ1 = {g, c} (Haar: the band scales) and the update parameters
    θ2 = {W1, b1, W2, b2}, plus an optional drift penalty ||O - Y||²_F / ||Y||²_F (ours).
 
+Switches of ours (docs/design.md section 3, "Round-2 switches"; all off by default):
+
+* projection (``deal_project_residual``): ``O = X̂ + P⊥ Δ``, ``Δ = MLP correction + R`` and
+  ``P⊥ = I - U_k U_kᵀ`` with U_k the history's top-k left singular vectors (Σ_{i<=k} s_i² >= energy · Σ s²);
+* spectral drift (``deal_drift_weighting``): ``Σ_i w_i ||u_iᵀ D||² + ||(I - U Uᵀ) D||²``, w = s / mean(s), D = O - Y;
+* split drift (``deal_lambda_drift_history`` / ``_residual``): the drifts of X̂ - Y and of O - X̂ separately.
+
 With g = 0 (Haar: scales = 1) and W2 = b2 = 0 at the start of a task, O = Y exactly (identity at start). After the
 task the map is folded: A <- O_Aᵀ, B <- O_B, giving a plain LoRA adapter of the same shape.
 
@@ -41,8 +48,33 @@ ACTIVATIONS = {"gelu": nn.GELU, "tanh": nn.Tanh, "relu": nn.ReLU, "identity": nn
 RETENTION_ACTIVATIONS = ("identity", "gelu", "tanh")
 """Activations allowed between retention layers: all have δ(0) = 0, which the identity at start needs."""
 
-__all__ = ["ACTIVATIONS", "RETENTION_ACTIVATIONS", "KERNELS", "SpectralFilter", "RetentionStack", "UpdateMLP",
-           "DEALFactor", "DRIFT_FLOOR_FRACTION", "set_drift_floors", "p_norm", "regulariser", "attach", "fold"]
+DRIFT_WEIGHTINGS = ("flat", "spectral")
+"""``deal_drift_weighting``: how ``DEALFactor.drift`` measures a factor's movement (see ``DEALFactor.drift_energy``)."""
+
+__all__ = ["ACTIVATIONS", "RETENTION_ACTIVATIONS", "KERNELS", "DRIFT_WEIGHTINGS", "SpectralFilter", "RetentionStack",
+           "UpdateMLP", "DEALFactor", "DRIFT_FLOOR_FRACTION", "energy_rank", "history_basis", "set_drift_floors",
+           "p_norm", "regulariser", "attach", "fold"]
+
+
+def history_basis(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, s) of the thin SVD ``history = U diag(s) Vᵀ`` (U: n × k, s: k, k = min(n, r), s descending), computed
+    in float64 without gradient and returned in float32: the history's left singular basis, i.e. its directions
+    in the n-dimensional space of Y's columns (the input space for lora_A, Y = Aᵀ: A's right singular vectors;
+    the output space for lora_B, Y = B: B's left singular vectors)."""
+    with torch.no_grad():
+        u, s, _vh = torch.linalg.svd(history.detach().double(), full_matrices=False)
+    return u.float().contiguous(), s.float().contiguous()
+
+
+def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """k: the smallest number of leading singular values whose Σ_{i<=k} s_i² reaches ``energy`` (in (0, 1]) of
+    Σ_i s_i² (``s`` descending); 0 for an all-zero spectrum (no direction to protect)."""
+    e = s.detach().double().pow(2)
+    cumulative = torch.cumsum(e, 0)
+    total = float(cumulative[-1]) if e.numel() else 0.0
+    if total <= 0.0:
+        return 0
+    return min(int((cumulative < energy * total).sum()) + 1, e.numel()) if energy < 1.0 else int((e > 0).sum())
 
 
 class RetentionStack(nn.Module):
@@ -90,8 +122,9 @@ class RetentionStack(nn.Module):
 class UpdateMLP(nn.Module):
     """Row-wise residual MLP over the rank dimension (paper Eq. 11, residual form of docs/design.md section 3).
 
-    ``forward(X)`` maps (n, r) to (n, r): ``X + W2 act(W1 x + b1) + b2`` for every row x.
-    W2 and b2 start at zero, so the map starts as the identity.
+    ``forward(X)`` maps (n, r) to (n, r): ``X + W2 act(W1 x + b1) + b2`` for every row x; with
+    ``correction_only=True`` only the correction ``W2 act(W1 x + b1) + b2`` (what the projection of
+    ``DEALFactor`` acts on). W2 and b2 start at zero, so the map starts as the identity.
     """
 
     def __init__(self, rank: int, hidden: int, activation: str = "gelu"):
@@ -102,7 +135,9 @@ class UpdateMLP(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, correction_only: bool = False) -> torch.Tensor:
+        if correction_only:
+            return self.fc2(self.act(self.fc1(x)))
         return x + self.fc2(self.act(self.fc1(x)))
 
 
@@ -118,6 +153,16 @@ class DEALFactor(nn.Module):
         sigma_base: sigma_j = sigma_base · 2^-j (``deal_sigma_base``).
         residual: add a trainable residual R (n × r, zero at start): O = MLP(X̂) + R (``deal_residual_update``;
             ours, not the paper's).
+        project: ``O = X̂ + P⊥ (MLP correction + R)`` with ``P⊥ = I - U_k U_kᵀ`` (``deal_project_residual``):
+            everything the task adds on top of the filtered history is kept out of the history's top-k left
+            singular directions (n-dimensional: input directions for A, output directions for B). U_k and k are
+            fixed at construction from the frozen history (buffer ``basis_u``, ``project_rank``).
+        project_energy: k = ``energy_rank(s, project_energy)`` (``deal_project_energy``).
+        drift_weighting: ``flat`` or ``spectral`` (``deal_drift_weighting``, see ``drift_energy``).
+
+    Buffers: ``history`` (n × r); with ``project`` or a spectral drift also ``basis_u`` (n × k) and ``basis_s`` (k)
+    (``history_basis``); with a spectral drift ``drift_weights`` (k). Off, the factor holds exactly the buffers and
+    computes exactly the values of before these switches existed.
 
     ``forward`` maps its input (the frozen original weight, whose values are the history's) to O (or Oᵀ for A) in
     the weight's dtype and layout, so ``parametrize`` can fold it with ``leave_parametrized=True``.
@@ -125,25 +170,71 @@ class DEALFactor(nn.Module):
 
     def __init__(self, weight: torch.Tensor, transpose: bool, num_scales: int, hidden: int, activation: str,
                  kernel: str = "heat", layers: int = 1, retention_activation: str = "identity",
-                 sigma_base: float = 0.5, residual: bool = False):
+                 sigma_base: float = 0.5, residual: bool = False, project: bool = False,
+                 project_energy: float = 0.95, drift_weighting: str = "flat"):
         super().__init__()
+        if drift_weighting not in DRIFT_WEIGHTINGS:
+            raise ValueError(f"Drift weighting {drift_weighting!r} is not one of {', '.join(DRIFT_WEIGHTINGS)}.")
+        if project and not 0.0 < project_energy <= 1.0:
+            raise ValueError(f"project_energy must be in (0, 1], got {project_energy}.")
         self.transpose = transpose
+        self.project = project
+        self.drift_weighting = drift_weighting
         history = weight.detach().t() if transpose else weight.detach()
         self.register_buffer("history", history.float().contiguous().clone())
         self.retention = RetentionStack(self.history, kernel, num_scales, sigma_base, layers, retention_activation)
         self.update = UpdateMLP(history.shape[1], hidden, activation)
         self.residual = nn.Parameter(torch.zeros(self.history.shape)) if residual else None  # contiguous (DeepSpeed flattens it)
+        self.project_rank = 0  # k of the projection (0: nothing projected out)
+        if project or drift_weighting == "spectral":
+            u, s = history_basis(self.history)
+            self.register_buffer("basis_u", u)
+            self.register_buffer("basis_s", s)
+            if project:
+                self.project_rank = energy_rank(s, project_energy)
+            if drift_weighting == "spectral":
+                mean = float(s.double().mean()) if s.numel() else 0.0
+                weights = s / mean if mean > 0 else torch.ones_like(s)
+                self.register_buffer("drift_weights", weights.float().contiguous())
+
+    def _call(self, part: str, params: dict[str, torch.Tensor] | None, *args, **kwargs) -> torch.Tensor:
+        """Submodule ``part`` (retention, update) on ``args``, with its parameters from ``params`` when given."""
+        module = getattr(self, part)
+        if params is None:
+            return module(*args, **kwargs)
+        sub = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(part + ".")}
+        return torch.func.functional_call(module, sub, args, kwargs)
+
+    def project_out(self, delta: torch.Tensor) -> torch.Tensor:
+        """P⊥ delta = delta - U_k (U_kᵀ delta) (n × r): ``delta`` without its component in the history's top-k left
+        singular directions (``project_rank`` = k; unchanged for k = 0)."""
+        if self.project_rank == 0:
+            return delta
+        u = self.basis_u[:, :self.project_rank]
+        return delta - u @ (u.t() @ delta)
+
+    def _parts(self, y: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X̂, O), both n × r float32, from Y (n × r) = the history's values; ``params`` as for ``factor``.
+        X̂ is the filtered history, O - X̂ what the update MLP and R add (projected with ``project``)."""
+        x_hat = self._call("retention", params, y)
+        residual = self.residual if params is None or self.residual is None else params["residual"]
+        if not self.project:  # the values (and the order of the additions) of before the projection existed
+            out = self._call("update", params, x_hat)
+            return x_hat, (out if residual is None else out + residual)
+        added = self._call("update", params, x_hat, correction_only=True)
+        if residual is not None:
+            added = added + residual
+        return x_hat, x_hat + self.project_out(added)
 
     def _map(self, y: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """O (n × r, float32) from Y (n × r) = the history's values; ``params`` as for ``factor``."""
-        if params is None:
-            out = self.update(self.retention(y))
-            return out if self.residual is None else out + self.residual
-        sub = {part: {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(part + ".")}
-               for part in ("retention", "update")}
-        x_hat = torch.func.functional_call(self.retention, sub["retention"], (y,))
-        out = torch.func.functional_call(self.update, sub["update"], (x_hat,))
-        return out if self.residual is None else out + params["residual"]
+        return self._parts(y, params)[1]
+
+    def parts(self, params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X̂, O) from the ``history`` buffer (``params`` as for ``factor``): the history part X̂ and the whole
+        factor; O - X̂ is the residual part (the update MLP's correction plus R)."""
+        return self._parts(self.history, params)
 
     def factor(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """O, shape (n, r), float32, from the ``history`` buffer; with ``params`` (name -> tensor, as
@@ -179,12 +270,41 @@ class DEALFactor(nn.Module):
     drift_floor: float = 0.0
     """ε of ``drift``'s denominator, set for all factors of an adapter by ``set_drift_floors``."""
 
+    def drift_energy(self, diff: torch.Tensor) -> torch.Tensor:
+        """The size of a movement ``diff`` (n × r) of the factor, a scalar:
+
+        * ``flat``: ||diff||²_F;
+        * ``spectral``: Σ_i w_i ||u_iᵀ diff||² + ||(I - U Uᵀ) diff||²_F with u_i the history's left singular
+          vectors (``basis_u``) and w = s / mean(s) (``drift_weights``; 1 for an all-zero history): a movement
+          along a strong direction of the history costs more than one along a weak direction, one outside the
+          history's span costs as in the flat form. Σ_i w_i = k, so the weights redistribute the flat penalty
+          (tr of the weighting = n, as the identity's) and a uniform spectrum gives exactly the flat value.
+        """
+        if self.drift_weighting == "flat":
+            return diff.pow(2).sum()
+        u = self.basis_u
+        inside = u.t() @ diff                                   # k × r: the coordinates along u_i
+        outside = diff - u @ inside
+        return (self.drift_weights.unsqueeze(1) * inside.pow(2)).sum() + outside.pow(2).sum()
+
+    def _drift_denominator(self) -> torch.Tensor:
+        return (self.history.pow(2).sum() + self.drift_floor).clamp_min(1e-12)
+
     def drift(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """||O - Y||²_F / (||Y||²_F + ε) (scalar), ε = ``drift_floor`` (see ``set_drift_floors``; the sum is
         clamped at 1e-12): the relative drift of the folded factor, which stays finite and of the loss's order for
-        a (near-)zero history instead of growing as 1 / ||Y||²; ``params`` as for ``factor``."""
+        a (near-)zero history instead of growing as 1 / ||Y||²; ``params`` as for ``factor``. With a spectral
+        weighting the numerator is ``drift_energy(O - Y)``."""
         diff = self.factor(params) - self.history
-        return diff.pow(2).sum() / (self.history.pow(2).sum() + self.drift_floor).clamp_min(1e-12)
+        return self.drift_energy(diff) / self._drift_denominator()
+
+    def drift_parts(self, params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(history drift, residual drift): ``drift_energy(X̂ - Y)`` and ``drift_energy(O - X̂)``, each over the same
+        denominator as ``drift``; ``params`` as for ``factor``. Their sum is not ``drift()``: that also holds the
+        cross term 2 <X̂ - Y, O - X̂>."""
+        x_hat, out = self.parts(params)
+        den = self._drift_denominator()
+        return self.drift_energy(x_hat - self.history) / den, self.drift_energy(out - x_hat) / den
 
 
 DRIFT_FLOOR_FRACTION = 1e-3

@@ -23,6 +23,15 @@ from .adapters import lora_layers
 from .base import ContinualMethod, paper_row
 
 
+def split_drift_weights(cfg) -> tuple[float, float] | None:
+    """(λ_h, λ_r) of the split drift penalty, a null key taking ``deal_lambda_drift``; None when both
+    ``deal_lambda_drift_history`` and ``deal_lambda_drift_residual`` are null (the unsplit penalty)."""
+    h, r = cfg.deal_lambda_drift_history, cfg.deal_lambda_drift_residual
+    if h is None and r is None:
+        return None
+    return (cfg.deal_lambda_drift if h is None else h), (cfg.deal_lambda_drift if r is None else r)
+
+
 class DEAL(ContinualMethod):
     """DEAL with a spectral (or Haar) retention filter and residual update MLP.
 
@@ -32,7 +41,9 @@ class DEAL(ContinualMethod):
     ``deal_update`` (both/A/B), ``deal_lambda_retention`` / ``deal_norm_retention`` (λ1, a),
     ``deal_lambda_update`` / ``deal_norm_update`` (λ2, b), ``deal_reg_target`` (delta/raw),
     ``deal_reg_form`` (norm/power), ``deal_lambda_drift``, ``deal_residual_update`` (our residual R; its
-    parameters train at ``learning_rate``).
+    parameters train at ``learning_rate``); the round-2 switches (docs/design.md sections 3.1-3.3, all off by
+    default): ``deal_project_residual`` / ``deal_project_energy``, ``deal_drift_weighting``,
+    ``deal_lambda_drift_history`` / ``deal_lambda_drift_residual``.
     """
 
     name = "deal"
@@ -100,7 +111,8 @@ class DEAL(ContinualMethod):
         return DEALFactor(weight, transpose=(which == "A"), num_scales=cfg.deal_scales, hidden=cfg.deal_mlp_hidden,
                           activation=cfg.deal_activation, kernel=cfg.deal_kernel, layers=cfg.deal_layers,
                           retention_activation=cfg.deal_activation_retention, sigma_base=cfg.deal_sigma_base,
-                          residual=cfg.deal_residual_update)
+                          residual=cfg.deal_residual_update, project=cfg.deal_project_residual in ("both", which),
+                          project_energy=cfg.deal_project_energy, drift_weighting=cfg.deal_drift_weighting)
 
     def deal_parameters(self) -> list[torch.nn.Parameter]:
         """All retention and update parameters of the current task (empty on task 0)."""
@@ -122,7 +134,8 @@ class DEAL(ContinualMethod):
         return groups
 
     def regularisation(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """λ1 Σ||θ1 − θ1₀||_a + λ2 Σ||θ2 − θ2₀||_b (Eq. 12, or the raw ||θ|| form) + λ_drift Σ drift."""
+        """λ1 Σ||θ1 − θ1₀||_a + λ2 Σ||θ2 − θ2₀||_b (Eq. 12, or the raw ||θ|| form) + λ_drift Σ drift, or with split
+        drift weights (``split_drift_weights``) λ_h Σ drift(X̂ − Y) + λ_r Σ drift(O − X̂) (docs/design.md 3.3)."""
         cfg = self.cfg
         theta1 = live([p for f in self.factors for p in f.retention_parameters()])  # gathered copies under ZeRO-3
         theta2 = live([p for f in self.factors for p in f.update_parameters()])
@@ -131,10 +144,19 @@ class DEAL(ContinualMethod):
         r2 = regulariser(theta2, None if raw else self._update_start, cfg.deal_norm_update, cfg.deal_reg_form)
         total = cfg.deal_lambda_retention * r1 + cfg.deal_lambda_update * r2
         logs = {"deal/reg_retention": float(r1.detach()), "deal/reg_update": float(r2.detach())}
-        if cfg.deal_lambda_drift > 0:
-            drift = torch.stack([f.drift(live_named(f)) for f in self.factors]).sum()
-            total = total + cfg.deal_lambda_drift * drift
-            logs["deal/drift"] = float(drift.detach())
+        split = split_drift_weights(cfg)
+        if split is None:
+            if cfg.deal_lambda_drift > 0:
+                drift = torch.stack([f.drift(live_named(f)) for f in self.factors]).sum()
+                total = total + cfg.deal_lambda_drift * drift
+                logs["deal/drift"] = float(drift.detach())
+        elif split[0] > 0 or split[1] > 0:
+            parts = [f.drift_parts(live_named(f)) for f in self.factors]
+            history = torch.stack([h for h, _r in parts]).sum()
+            residual = torch.stack([r for _h, r in parts]).sum()
+            total = total + split[0] * history + split[1] * residual
+            logs["deal/drift_history"] = float(history.detach())
+            logs["deal/drift_residual"] = float(residual.detach())
         return total, logs
 
     @contextlib.contextmanager

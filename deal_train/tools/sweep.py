@@ -36,9 +36,12 @@ Grid = list[tuple[str, list[Any]]]
 
 
 def format_value(value: Any) -> str:
-    """A grid value as it appears in a point's name: ``true``/``false`` for booleans, else ``str(value)``."""
+    """A grid value as it appears in a point's name: ``true``/``false`` for booleans, ``null`` for None (a float-or-null
+    key such as ``deal_lambda_drift_history``), else ``str(value)``."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if value is None:
+        return "null"
     return str(value)
 
 

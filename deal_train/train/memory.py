@@ -202,14 +202,19 @@ class MemoryEstimate:
         return d
 
 
-def _deal_factor_counts(n: int, r: int, cfg: TrainConfig) -> tuple[int, int]:
-    """(trainable parameters, buffer values) of one DEAL factor n × r (``deal_train.deal``)."""
+def _deal_factor_counts(n: int, r: int, cfg: TrainConfig, which: str = "") -> tuple[int, int]:
+    """(trainable parameters, buffer values) of one DEAL factor n × r (``deal_train.deal``; ``which``: A or B, for
+    ``deal_project_residual``)."""
+    k = min(n, r)
+    spectral = cfg.deal_drift_weighting == "spectral"
+    # the history's basis U (n × k) and s (k) of the projection / spectral drift, and the drift weights (k)
+    basis = n * k + k + (k if spectral else 0) if spectral or cfg.deal_project_residual in ("both", which) else 0
     if cfg.deal_kernel == "haar":
         retention = math.ceil(n / 2) * math.ceil(r / 2) * cfg.deal_layers
-        buffers = n * r
+        buffers = n * r + basis
     else:
         retention = (cfg.deal_scales * r + cfg.deal_scales) * cfg.deal_layers
-        buffers = n * r + n * r + r + r * r + r + cfg.deal_scales * cfg.deal_layers  # Y, U, s, Vh, ŝ, sigma
+        buffers = n * r + n * r + r + r * r + r + cfg.deal_scales * cfg.deal_layers + basis  # Y, U, s, Vh, ŝ, sigma
     h = cfg.deal_mlp_hidden
     return retention + (r * h + h + h * r + r), buffers
 
@@ -308,7 +313,7 @@ def estimate(model: str, method: str, cfg: TrainConfig, profile: HardwareProfile
             for n, which in ((d_in, "A"), (d_out, "B")):
                 if cfg.deal_update not in ("both", which):
                     continue
-                params, buffers = _deal_factor_counts(n, r, cfg)
+                params, buffers = _deal_factor_counts(n, r, cfg, which)
                 residual = _deal_residual_count(n, r, cfg)
                 tensors.append(params)
                 if residual:
