@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
+import shutil
 import tempfile
 
 import pytest
@@ -13,8 +15,11 @@ DATA_DIR = os.environ.get("DEAL_TRAIN_DATA_DIR") or str((REPO / ".." / "shared" 
 
 # Tests write only to temporary directories: the converted SmolLM2 cache goes to a session temp dir
 # unless the caller points DEAL_TRAIN_CACHE somewhere on purpose.
+# The session's own cache (a converted SmolLM2 is ~0.5 GB) is removed when the session ends: 165 left-behind
+# caches once filled the disk.
 if not os.environ.get("DEAL_TRAIN_CACHE"):
     os.environ["DEAL_TRAIN_CACHE"] = tempfile.mkdtemp(prefix="deal_train_cache_")
+    atexit.register(shutil.rmtree, os.environ["DEAL_TRAIN_CACHE"], True)
 os.environ["DEAL_TRAIN_DATA_DIR"] = DATA_DIR
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
