@@ -109,6 +109,9 @@ class TrainConfig:
     mixed_precision: str = _f("", "Override Accelerate's mixed precision (no, fp16, bf16); empty keeps the "
                                   "accelerate config's value.")
     logging_steps: int = _f(1, "Log train/loss etc. to TensorBoard every N optimizer steps.")
+    subspace_energy: float = _f(0.9, "Share of the history's energy (Σ s² of the earlier tasks' LoRA update, per "
+                                      "layer) whose top singular directions form the subspace that the logged "
+                                      "subspace/overlap/* measures the new update against; in (0, 1].")
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive optimizer steps with a NaN/inf loss or "
                                      "gradient (each such step is skipped and counted).")
     checkpoint_every_steps: int = _f(0, "Save a step checkpoint (Accelerate state, adapter, optimizer, RNG and data "
@@ -342,6 +345,9 @@ def validate(cfg: TrainConfig) -> None:
                  "o_lora_lambda_l2", "replay_samples_per_task", "ewc_lambda", "lwf_weight"]:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"Config key '{name}' must be >= 0, got {getattr(cfg, name)}.")
+    if not 0 < cfg.subspace_energy <= 1:
+        raise ConfigError(f"Config key 'subspace_energy' must be in (0, 1] (a share of the history's energy, e.g. "
+                          f"0.9), got {cfg.subspace_energy}.")
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"Config key 'lora_dropout' must be in [0, 1) (a probability; 1 drops every LoRA input), "
                           f"got {cfg.lora_dropout}.")
