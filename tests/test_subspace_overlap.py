@@ -137,8 +137,8 @@ def test_k_follows_the_energy_threshold_in_the_overlap(tiny_model):
 def _dense(model, layers, names):
     out = {}
     for n, layer in layers:
-        out[n] = sum(layer.scaling[a] * layer.lora_B[a].weight.double() @ layer.lora_A[a].weight.double()
-                     for a in names)
+        out[n] = sum(layer.scaling[a] * layer.lora_B[a].weight.detach().double() @
+                     layer.lora_A[a].weight.detach().double() for a in names)
     return out
 
 
@@ -177,15 +177,26 @@ def test_two_active_adapters_match_a_dense_computation(tiny_model):
 
 
 def test_factor_overlap_matches_a_dense_computation(tiny_model):
+    """One adapter whose A and B both move (SeqLoRA's case): factor and ΔW overlaps against dense matrices."""
     model, layers = _peft(tiny_model)
     hist = _history_factors(model, layers)
     energy = 0.7
     start = ac.history(model, energy).bind("default")
-    num_a = num_b = den_a = den_b = 0.0
+    num_a = num_b = den_a = den_b = den_d = 0.0
+    num_d = {"output": 0.0, "input": 0.0, "both": 0.0}
     for i, ((_n, layer), (a0, b0)) in enumerate(zip(layers, hist)):
         a, b = a0 + 0.3 * _rand(*a0.shape, seed=60 + i), b0 + 0.3 * _rand(*b0.shape, seed=80 + i)
         _set(layer, "default", a.float(), b.float())
         a, b = a.float().double(), b.float().double()
+        scale = layer.scaling["default"]
+        h, d = scale * b0 @ a0, scale * (b @ a - b0 @ a0)
+        u_h, s_h, vh_h = torch.linalg.svd(h, full_matrices=False)
+        k = ac.energy_rank(s_h, energy)
+        pu, pv = u_h[:, :k] @ u_h[:, :k].T, vh_h[:k].T @ vh_h[:k]
+        num_d["output"] += float((pu @ d).pow(2).sum())
+        num_d["input"] += float((d @ pv).pow(2).sum())
+        num_d["both"] += float((pu @ d @ pv).pow(2).sum())
+        den_d += float(d.pow(2).sum())
         _u, s_a, vh_a = torch.linalg.svd(a0, full_matrices=False)
         u_b, s_b, _vh = torch.linalg.svd(b0, full_matrices=False)
         v = vh_a[:ac.energy_rank(s_a, energy)].T
@@ -196,6 +207,8 @@ def test_factor_overlap_matches_a_dense_computation(tiny_model):
         den_b += float((b - b0).pow(2).sum())
     got = ac.subspace_overlap(model, start)
     assert got["A"] == pytest.approx(num_a / den_a, abs=1e-9) and got["B"] == pytest.approx(num_b / den_b, abs=1e-9)
+    for key in num_d:
+        assert got[key] == pytest.approx(num_d[key] / den_d, abs=1e-9)
     assert 0 < got["A"] < 1 and 0 < got["B"] < 1
 
 
