@@ -109,6 +109,9 @@ class TrainConfig:
     mixed_precision: str = _f("", "Override Accelerate's mixed precision (no, fp16, bf16); empty keeps the "
                                   "accelerate config's value.")
     logging_steps: int = _f(1, "Log train/loss etc. to TensorBoard every N optimizer steps.")
+    subspace_energy: float = _f(0.9, "Share of the history's energy (Σ s² of the earlier tasks' LoRA update, per "
+                                      "layer) whose top singular directions form the subspace that the logged "
+                                      "subspace/overlap/* measures the new update against; in (0, 1].")
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive optimizer steps with a NaN/inf loss or "
                                      "gradient (each such step is skipped and counted).")
     checkpoint_every_steps: int = _f(0, "Save a step checkpoint (Accelerate state, adapter, optimizer, RNG and data "
@@ -396,6 +399,9 @@ def validate(cfg: TrainConfig) -> None:
                           f"{cfg.deal_update!r}: DEAL does not map lora_{cfg.deal_project_residual}, so there is "
                           f"nothing to project. Set deal_project_residual to {cfg.deal_update!r} (or both), or "
                           f"deal_update to both.")
+    if not 0 < cfg.subspace_energy <= 1:
+        raise ConfigError(f"Config key 'subspace_energy' must be in (0, 1] (a share of the history's energy, e.g. "
+                          f"0.9), got {cfg.subspace_energy}.")
     if cfg.lora_dropout >= 1:
         raise ConfigError(f"Config key 'lora_dropout' must be in [0, 1) (a probability; 1 drops every LoRA input), "
                           f"got {cfg.lora_dropout}.")

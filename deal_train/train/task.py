@@ -58,6 +58,7 @@ class TaskSetup:
     shared_prefix: bool = False  # micro batches carry their shared prefix length (model/prefix.py)
     forward_tokens: int = 0  # token positions the forward passes computed (the shared prefix once per micro batch)
     padded_tokens: int = 0  # token positions of the padded micro batches (what the full pass computes)
+    history: adapter_change.SubspaceHistory | None = None  # the earlier tasks' update (``adapter_change.history``)
 
 
 @dataclass
@@ -137,9 +138,11 @@ def start_task(accelerator: Accelerator, zero3: Zero3, model, method: ContinualM
     """
     set_seed(cfg.seed + task_index)
     zero3.gather(model)  # ZeRO-3: the methods read adapter tensors between forward passes
+    history = adapter_change.history(model, cfg.subspace_energy)  # before the method adds or parametrizes factors
     method.before_task(model, task_index, data.train_rows)
     precision.check_trainable_float32(model)
     start_factors = adapter_change.snapshot(model, method.trained_adapter())
+    history.bind(method.trained_adapter())
     groups = [g for g in method.param_groups(model) if g["params"]]
     optimizer = precision.build_optimizer(cfg, groups)
     generator = torch.Generator().manual_seed(cfg.seed + task_index)
@@ -155,7 +158,7 @@ def start_task(accelerator: Accelerator, zero3: Zero3, model, method: ContinualM
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     params = [p for g in groups for p in g["params"]]
     return TaskSetup(model, optimizer, loader, generator, params, sum(p.numel() for p in params), start_factors,
-                     steps_per_epoch, steps_per_epoch * cfg.num_train_epochs, use_prefix)
+                     steps_per_epoch, steps_per_epoch * cfg.num_train_epochs, use_prefix, history=history)
 
 
 def use_shared_prefix(accelerator: Accelerator, model, cfg: TrainConfig, task_name: str,
@@ -274,17 +277,27 @@ def learning_rate_scalars(optimizer) -> dict[str, float]:
 def step_scalars(accelerator: Accelerator, setup: TaskSetup, step: StepLoss, progress: TaskProgress,
                  elapsed: float) -> dict[str, float]:
     """The TensorBoard scalars of one logged optimizer step: loss, extra loss, the learning rate of every group,
-    samples per second, the task (1-based), how far the adapter moved, and the method's own terms."""
+    samples per second, the task (1-based), how far the adapter moved and how much of the move lies in the earlier
+    tasks' top subspace, and the method's own terms."""
     model = accelerator.unwrap_model(setup.model)
     return {"train/loss": step.loss, "train/extra_loss": step.extra, **learning_rate_scalars(setup.optimizer),
             "train/samples_per_second": progress.samples / elapsed, "train/task": progress.task_index + 1,
-            **adapter_change.change_logs(adapter_change.relative_change(model, setup.start_factors)), **step.logs}
+            **adapter_change.change_logs(adapter_change.relative_change(model, setup.start_factors)),
+            **adapter_change.overlap_logs(subspace_overlap(model, setup)), **step.logs}
+
+
+def subspace_overlap(model, setup: TaskSetup) -> dict:
+    """``adapter_change.subspace_overlap`` since the task's start (every value None without a history)."""
+    if setup.history is None:
+        return dict.fromkeys(adapter_change.OVERLAP_KEYS)
+    return adapter_change.subspace_overlap(model, setup.history)
 
 
 def finish_task(accelerator: Accelerator, zero3: Zero3, setup: TaskSetup, method: ContinualMethod, data: TaskData,
                 cfg: TrainConfig, task_index: int, pad_token_id: int, progress: TaskProgress, start: float) -> dict:
     """``method.after_task`` on the task's own rows (unshuffled), then the task's statistics: seconds, steps,
-    samples, losses, trainable parameters, skipped steps and the adapter's relative change."""
+    samples, losses, trainable parameters, skipped steps, the adapter's relative change and the update's overlap
+    with the earlier tasks' subspace."""
     accelerator.gradient_state._set_sync_gradients(True)
     model = accelerator.unwrap_model(setup.model)
     model.eval()
@@ -293,6 +306,7 @@ def finish_task(accelerator: Accelerator, zero3: Zero3, setup: TaskSetup, method
                              collate_fn=lambda b: collate_train(b, pad_token_id, setup.shared_prefix))
     method.after_task(model, task_index, own_batches)
     change = adapter_change.relative_change(model, setup.start_factors)
+    overlap = subspace_overlap(model, setup)
     seconds = time.perf_counter() - start
     zero3.release()
     losses, samples = progress.losses, progress.samples
@@ -306,7 +320,7 @@ def finish_task(accelerator: Accelerator, zero3: Zero3, setup: TaskSetup, method
             "final_loss": losses[-1] if losses else None,
             "mean_loss": sum(losses) / len(losses) if losses else None,
             "trainable_parameters": setup.n_trainable, "skipped_nonfinite_steps": progress.skipped,
-            "relative_change": change,
+            "relative_change": change, "subspace_overlap": overlap,
             "shared_prefix_token_saving": saving if setup.shared_prefix else None,
             # token positions of this process's micro batches: padded (batch x width, what the full pass runs) and
             # computed (prefix once + suffixes); decoder-only, 0 for encoder-decoder models
