@@ -2,7 +2,7 @@
 
 import sys
 
-from .tools.bench import main
+from .tools.bench_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,8 @@ from torch.nn.utils import parametrize
 from transformers import T5Config
 
 from deal_train.model import architectures
-from deal_train.tools.bench import BENCH_JSON, Bench, BenchOptions, bench, format_table, main
+from deal_train.tools.bench import BENCH_JSON, Bench, BenchOptions, format_table
+from deal_train.tools.bench_cli import bench, main
 from deal_train.config import TrainConfig
 from deal_train.methods.adapters import lora_layers
 

@@ -14,7 +14,8 @@ from deal_train.model import prefix
 
 from deal_train.config import TrainConfig
 from deal_train.tools import bench_fastpath
-from deal_train.tools.bench import BENCH_JSON, BenchOptions, bench, main
+from deal_train.tools.bench import BENCH_JSON, BenchOptions
+from deal_train.tools.bench_cli import bench, main
 from deal_train.tools.bench_fastpath import RATIOS, VARIANTS, Ratio, Variant, format_fastpath_table, ratio_spread
 
 TINY = dict(per_device_train_batch_size=2, max_source_length=128, lora_rank=4, deal_mlp_hidden=8,

@@ -50,11 +50,10 @@ import torch
 from datasets import Dataset
 
 from ..model.architectures import is_architecture
-from ..cli import build_parser, quiet_libraries, run_cli
+from ..cli import build_parser
 from ..config import ConfigError, TrainConfig
 from ..data import IGNORE_INDEX, encoder_for, load_task, read_rows, sample_rows
 from ..model.loading import is_encoder_decoder
-from ..outputs import atomic_write_json
 from ..train.evaluation import spread as evaluation_spread
 from ..train.profiling import MemoryProfiler, fix_malloc_mmap_threshold
 
@@ -511,24 +510,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def bench(cfg: TrainConfig, opts: BenchOptions) -> dict:
-    """Run the benchmark (``opts.suite``), print the table and write ``<output_dir>/bench.json``; returns its
-    content."""
-    if opts.suite == "fastpath":
-        from .bench_fastpath import FastpathBench, format_fastpath_table
-        fp = FastpathBench(cfg, opts)
-        if opts.trl and not fp.trl:
-            from .bench_fastpath import TRL_HINT
-            print(TRL_HINT, file=sys.stderr)
-        result, table = fp.run(), format_fastpath_table
-    else:
-        result, table = Bench(cfg, opts).run(), format_table
-    path = os.path.join(cfg.output_dir, BENCH_JSON)
-    atomic_write_json(path, result)
-    print(table(result) + f"\n\nRaw repeats in {path}")
-    return result
-
-
 def parse_methods(text: str) -> tuple[str, ...]:
     """``"lora,deal"`` -> ``("lora", "deal")`` (``seq_lora`` is accepted for ``lora``).
 
@@ -599,24 +580,3 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     if opts.warmup < 0 or opts.num_threads < 0:
         raise ConfigError(f"--warmup and --num_threads must be >= 0, got {opts.warmup} and {opts.num_threads}.")
     return opts
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m deal_train.bench``; exit code 2 on bad input."""
-    quiet_libraries()
-    parser = build_bench_parser()
-    args = parser.parse_args(argv)
-    if args.output_dir is None:
-        argv = [*(argv if argv is not None else sys.argv[1:]), "--output_dir", DEFAULT_OUTPUT_DIR]
-
-    def main_cfg(cfg: TrainConfig) -> None:
-        opts = options_from_args(args)
-        if cfg.tasks:  # --tasks a,b (the TrainConfig key): the fastpath suite's tasks
-            opts = dataclasses.replace(opts, tasks=tuple(cfg.tasks))
-        bench(cfg, opts)
-
-    return run_cli(main_cfg, argv, parser=parser)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
