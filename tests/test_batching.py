@@ -10,30 +10,17 @@ import shutil
 import pytest
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaForCausalLM
 
 from deal_train.data import Encoder, collate_train, load_task, read_rows
 from deal_train.train.evaluation import generate_predictions
 from deal_train.train.task import train_task
 from deal_train.model.losses import answer_forward, token_cross_entropy_sum
-from deal_train.model.loading import tiny_llama_config
+
+from conftest import varied_tiny_llama
 
 
 def test_greedy_predictions_do_not_depend_on_the_eval_batch_size(tokenizer, data_dir):
-    # a tiny LLaMA whose untied, large random output layer gives varied tokens (the tied test model only repeats
-    # its input), with a LoRA adapter of non-zero B, so padding or position errors would change the argmax
-    config = tiny_llama_config(tokenizer)
-    config.tie_word_embeddings = False
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        base.lm_head.weight.normal_(0.0, 1.0)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
+    model = varied_tiny_llama(tokenizer)  # varied tokens: padding or position errors would change the argmax
     task = load_task(data_dir, "yahoo")
     rows = sorted(read_rows(task, "test"), key=lambda r: len(r["sentence"]))
     rows = rows[:4] + rows[-4:]  # the four shortest and the four longest questions, in one batch of 8
