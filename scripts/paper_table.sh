@@ -5,6 +5,10 @@
 # task (the trainer's own resume). After each finished run its metrics.json and per-row predictions (gzipped) are
 # copied to $RESULTS_DIR/standard_order<k>/<method>/ (committed files; docs/results.md is generated from them:
 #   python -m deal_train.results --runs results --output docs/results.md).
+# A machine stopped mid-run loses its outputs/ folder: `scripts/paper_table.sh save` copies the finished tasks of
+# every unfinished run to $RESULTS_DIR/partial/standard_order<k>/<method>/ (commit that folder); a later run of this
+# script on any machine restores such a copy before the run, resumes after its last finished task, and deletes the
+# copy once the run has finished (deal_train/tools/partial_runs.py).
 # Environment: RUNS_ROOT [outputs/paper_table], RESULTS_DIR [results], METHODS1, METHODS23, ORDERS23 ["2 3"],
 #   CONFIG_PREFIX [configs/paper_budget_smollm2_order], EXTRA_ARGS (more trainer options, e.g. a tiny smoke check:
 #   EXTRA_ARGS="--model tiny-random-llama --max_train_samples 4 --max_test_samples 3 --max_new_tokens 3").
@@ -20,6 +24,10 @@ CONFIG_PREFIX="${CONFIG_PREFIX:-configs/paper_budget_smollm2_order}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 failed=0
 
+if [ "${1:-}" = save ]; then
+    exec "$PYTHON" -m deal_train.tools.partial_runs save --runs_root "$RUNS_ROOT" --results_dir "$RESULTS_DIR"
+fi
+
 finished() {  # a metrics.json that says finished
     [ -f "$1" ] && "$PYTHON" -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get("finished") else 1)' "$1"
 }
@@ -27,6 +35,10 @@ finished() {  # a metrics.json that says finished
 run() {  # order method
     local k=$1 m=$2 run_dir="$RUNS_ROOT/standard_order$1/$2" dest="$RESULTS_DIR/standard_order$1/$2"
     if finished "$dest/metrics.json"; then echo "done already: $dest"; return 0; fi
+    local saved="$RESULTS_DIR/partial/standard_order$k/$m"
+    if [ -d "$saved" ] && ! "$PYTHON" -m deal_train.tools.partial_runs restore --saved "$saved" --run_dir "$run_dir"; then
+        echo "FAILED: order $k $m (cannot restore $saved)"; failed=1; return 0
+    fi
     echo "running: order $k $m -> $run_dir"
     # shellcheck disable=SC2086
     if ! "$PYTHON" -m deal_train --config "$CONFIG_PREFIX$k.yaml" --method "$m" --output_dir "$run_dir" $EXTRA_ARGS; then
@@ -35,7 +47,7 @@ run() {  # order method
     finished "$run_dir/metrics.json" || { echo "not finished: $run_dir"; failed=1; return 0; }
     rm -rf "$dest.tmp" && mkdir -p "$dest.tmp" && cp "$run_dir/metrics.json" "$dest.tmp/" \
         && cp -r "$run_dir/predictions" "$dest.tmp/" && find "$dest.tmp/predictions" -name '*.jsonl' -exec gzip -9n {} + \
-        && rm -rf "$dest" && mv "$dest.tmp" "$dest" && echo "copied: $dest"
+        && rm -rf "$dest" && mv "$dest.tmp" "$dest" && echo "copied: $dest" && rm -rf "$saved"
 }
 
 for m in $METHODS1; do run 1 "$m"; done
