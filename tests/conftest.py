@@ -187,3 +187,26 @@ def varied_tiny_llama(tokenizer):
             if "lora_B" in name:
                 p.normal_(0.0, 0.02)
     return model
+
+
+def predictions_on_test_rows(model, tokenizer, cfg, task_index: int) -> list[str]:
+    """Greedy predictions of ``model`` on task ``task_index``'s test rows of the run ``cfg`` (the rows and prompts
+    the loop evaluates), one string per row."""
+    from deal_train.data import Encoder, load_task
+    from deal_train.train import loop
+    from deal_train.train.evaluation import generate_predictions
+
+    datas = loop.prepare_data(cfg)
+    enc = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, True)
+    task = load_task(cfg.resolved_data_dir(), cfg.tasks[task_index])
+    feats, _ = enc.eval_features(task, datas[task_index].test_rows)
+    preds = generate_predictions(model, tokenizer, feats, cfg.per_device_eval_batch_size, cfg.max_new_tokens)
+    return [p["prediction"] for p in preds]
+
+
+def saved_predictions(out: pathlib.Path, after: str, task_file: str) -> list[str]:
+    """The predictions a run in ``out`` wrote to ``predictions/<after>/<task_file>``, one string per row."""
+    import json
+
+    lines = (out / "predictions" / after / task_file).read_text().splitlines()
+    return [json.loads(x)["prediction"] for x in lines]

@@ -16,15 +16,14 @@ from safetensors.torch import load_file
 
 from deal_train.train import loop
 from deal_train.config import TrainConfig
-from deal_train.data import Encoder, collate_train, load_task
-from deal_train.train.evaluation import generate_predictions
+from deal_train.data import Encoder, collate_train
 from deal_train.model.losses import answer_forward, token_cross_entropy_sum
 from deal_train.methods.adapters import lora_layers
 from deal_train.methods.lwf import TEACHER_ADAPTER
 from deal_train.methods.o_lora import CAT_ADAPTER
 from deal_train.model.loading import load_model
 
-from conftest import forget_last_task
+from conftest import forget_last_task, saved_predictions, predictions_on_test_rows
 
 BASELINES = ["o_lora", "per_task", "replay", "ewc", "lwf"]
 LORA_PARAMS = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))  # rank 4 on q_proj (64 -> 64) and v_proj (64 -> 32), 2 layers
@@ -46,17 +45,7 @@ def _scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
 def _stock_predictions(tokenizer, cfg, adapter_dir, task_index: int) -> list[str]:
     """Predictions on task ``task_index``'s test rows from stock ``PeftModel.from_pretrained`` of ``adapter_dir``."""
     model = PeftModel.from_pretrained(load_model(cfg.model, tokenizer), str(adapter_dir))
-    datas = loop.prepare_data(cfg)
-    enc = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, True)
-    task = load_task(cfg.resolved_data_dir(), cfg.tasks[task_index])
-    feats, _ = enc.eval_features(task, datas[task_index].test_rows)
-    preds = generate_predictions(model, tokenizer, feats, cfg.per_device_eval_batch_size, cfg.max_new_tokens)
-    return [p["prediction"] for p in preds]
-
-
-def _saved_predictions(out: pathlib.Path, after: str, task_file: str) -> list[str]:
-    lines = (out / "predictions" / after / task_file).read_text().splitlines()
-    return [json.loads(x)["prediction"] for x in lines]
+    return predictions_on_test_rows(model, tokenizer, cfg, task_index)
 
 
 def _randomise_b(model, adapter: str, seed: int) -> None:
@@ -100,14 +89,14 @@ def test_two_task_run_and_stock_peft_adapters(finished_run, tokenizer, method):
     # the saved adapters reproduce the predictions the run made
     if method == "per_task":
         # task i is evaluated with adapter i: adapter 1 still answers task 1 after task 2, exactly as before
-        assert _saved_predictions(out, "after_2-amazon", "1-dbpedia.jsonl") == \
-            _saved_predictions(out, "after_1-dbpedia", "1-dbpedia.jsonl")
+        assert saved_predictions(out, "after_2-amazon", "1-dbpedia.jsonl") == \
+            saved_predictions(out, "after_1-dbpedia", "1-dbpedia.jsonl")
         assert acc[0][1] == acc[0][0]
-        assert _stock_predictions(tokenizer, cfg, a1, 0) == _saved_predictions(out, "after_2-amazon", "1-dbpedia.jsonl")
-        assert _stock_predictions(tokenizer, cfg, a2, 1) == _saved_predictions(out, "after_2-amazon", "2-amazon.jsonl")
+        assert _stock_predictions(tokenizer, cfg, a1, 0) == saved_predictions(out, "after_2-amazon", "1-dbpedia.jsonl")
+        assert _stock_predictions(tokenizer, cfg, a2, 1) == saved_predictions(out, "after_2-amazon", "2-amazon.jsonl")
     else:
         for i, task_file in enumerate(["1-dbpedia.jsonl", "2-amazon.jsonl"]):
-            assert _stock_predictions(tokenizer, cfg, a2, i) == _saved_predictions(out, "after_2-amazon", task_file)
+            assert _stock_predictions(tokenizer, cfg, a2, i) == saved_predictions(out, "after_2-amazon", task_file)
 
 
 def test_o_lora_penalty_is_positive_from_the_first_step_of_task_2(finished_run):

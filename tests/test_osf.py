@@ -13,14 +13,13 @@ import torch
 from peft import PeftModel
 
 from deal_train.config import ConfigError, TrainConfig
-from deal_train.data import Encoder, collate_train, load_task
+from deal_train.data import collate_train
 from deal_train.methods import get_method
 from deal_train.methods.osf import OSF, osf_layers, preserved_fraction
 from deal_train.model.loading import load_model
 from deal_train.train import loop
-from deal_train.train.evaluation import generate_predictions
 
-from conftest import forget_last_task
+from conftest import forget_last_task, saved_predictions, predictions_on_test_rows
 
 # tiny LLaMA: q_proj 64 -> 64 (m = 64), v_proj 64 -> 32 (m = 32), 2 layers; task 1 preserves 0.3, task 2 0.7
 # k = m - int(m * f); trainable per matrix k * (out + in + 1)
@@ -37,20 +36,6 @@ def _stock_model(tokenizer, cfg, adapters: list[pathlib.Path]):
     return PeftModel.from_pretrained(model, str(adapters[-1])).eval()
 
 
-def _predictions(model, tokenizer, cfg, task_index: int) -> list[str]:
-    datas = loop.prepare_data(cfg)
-    enc = Encoder(tokenizer, cfg.max_source_length, cfg.max_target_length, True)
-    task = load_task(cfg.resolved_data_dir(), cfg.tasks[task_index])
-    feats, _ = enc.eval_features(task, datas[task_index].test_rows)
-    preds = generate_predictions(model, tokenizer, feats, cfg.per_device_eval_batch_size, cfg.max_new_tokens)
-    return [p["prediction"] for p in preds]
-
-
-def _saved_predictions(out: pathlib.Path, after: str, task_file: str) -> list[str]:
-    lines = (out / "predictions" / after / task_file).read_text().splitlines()
-    return [json.loads(x)["prediction"] for x in lines]
-
-
 def test_two_task_run_stock_peft_reproduces_predictions(finished_run, tokenizer):
     cfg, metrics, _ = finished_run("osf")
     out = pathlib.Path(cfg.output_dir)
@@ -64,10 +49,10 @@ def test_two_task_run_stock_peft_reproduces_predictions(finished_run, tokenizer)
     assert [c["effective_rank"] for c in configs] == [pytest.approx(0.3), pytest.approx(0.7)]
     assert sorted(configs[0]["target_modules"]) == ["q_proj", "v_proj"]  # LoRA's defaults: the same layers
     stock1 = _stock_model(tokenizer, cfg, [a1])
-    assert _predictions(stock1, tokenizer, cfg, 0) == _saved_predictions(out, "after_1-dbpedia", "1-dbpedia.jsonl")
+    assert predictions_on_test_rows(stock1, tokenizer, cfg, 0) == saved_predictions(out, "after_1-dbpedia", "1-dbpedia.jsonl")
     stock2 = _stock_model(tokenizer, cfg, [a1, a2])
     for i, task_file in enumerate(["1-dbpedia.jsonl", "2-amazon.jsonl"]):
-        assert _predictions(stock2, tokenizer, cfg, i) == _saved_predictions(out, "after_2-amazon", task_file)
+        assert predictions_on_test_rows(stock2, tokenizer, cfg, i) == saved_predictions(out, "after_2-amazon", task_file)
 
 
 def test_stock_peft_logits_equal_the_methods_rebuilt_model(finished_run, tokenizer, tiny_method):
@@ -153,8 +138,8 @@ def test_tiny_t5_two_task_run_and_stock_peft(finished_t5_run, tokenizer):
     assert [p["trainable_parameters"] for p in saved["per_task"]] == [12 * (64 - 19) * 129, 12 * (64 - 44) * 129]
     adapters = [out / "adapters" / "1-dbpedia", out / "adapters" / "2-amazon"]
     assert json.loads((adapters[1] / "adapter_config.json").read_text())["task_type"] == "SEQ_2_SEQ_LM"
-    assert _predictions(_stock_model(tokenizer, cfg, adapters), tokenizer, cfg, 1) == \
-        _saved_predictions(out, "after_2-amazon", "2-amazon.jsonl")
+    assert predictions_on_test_rows(_stock_model(tokenizer, cfg, adapters), tokenizer, cfg, 1) == \
+        saved_predictions(out, "after_2-amazon", "2-amazon.jsonl")
 
 
 # --- distributed profiles (2 CPU processes over gloo, as tests/test_distributed.py) --------------------------------
