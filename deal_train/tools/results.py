@@ -610,7 +610,9 @@ def build(runs_root: str, output: str, figures: str | None = None, methods: Sequ
         "", "## Uncertainty", "", *uncertainty_section(table, methods, orders),
         "", "## Budget", "",
         f"One budget for every method and order: benchmark `standard`, orders {', '.join(map(str, orders))}, each "
-        f"method run by `python -m deal_train.compare` in a process of its own.",
+        f"method run in a process of its own (`scripts/paper_table.sh`: `python -m deal_train --config "
+        f"configs/paper_budget_smollm2_order<k>.yaml --method <method>`; `scripts/reproduce_results.sh`: "
+        f"`python -m deal_train.compare --methods <method>`).",
         "", *budget_text(t_runs),
         "", f"## Standard benchmark: every method, orders {', '.join(map(str, orders))}", "",
         *table_section(table, methods, orders, figures, doc_dir),
@@ -619,7 +621,9 @@ def build(runs_root: str, output: str, figures: str | None = None, methods: Sequ
         "", *budget_text(c_runs, varied=["max_train_samples"]),
         "", "## The paper's Table 1, for reference", "", *paper_section(table, curve, orders, curve_rows),
         "", "## How to reproduce, and the time it took", "",
-        "```", "scripts/reproduce_results.sh            # RESULTS_JOBS=2 runs two invocations at once", "```", "",
+        "```", "scripts/paper_table.sh                  # the paper budget, into results/ (resumable; 'save' before a stop)",
+        "scripts/reproduce_results.sh            # the small budget, into outputs/results (RESULTS_JOBS=2: two at once)",
+        "```", "",
         *time_section(t_runs + c_runs, log, log_path, doc_dir),
     ]
     text = portable_paths("\n".join(lines) + "\n", runs_root)
