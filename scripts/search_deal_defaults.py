@@ -1,6 +1,6 @@
 """The documented search behind DEAL's default settings: staged sweeps on the validation split.
 
-    python scripts/search_deal_defaults.py [--output_dir outputs/deal_search] [--stages 1,2,3] [--key value ...]
+    python scripts/search_deal_defaults.py [--round 1|2] [--output_dir DIR] [--stages 1,2,3] [--key value ...]
 
 Every stage is one ``deal_train.tools.sweep`` grid run with the settings fixed so far; the stage's best point (highest
 validation average accuracy, ties broken by backward transfer) fixes its keys for the later stages. Reference
@@ -10,6 +10,11 @@ the sweeps' own ``sweep.json`` files: the budget, every stage's table, and the w
 ``tests/test_deal_defaults.py`` checks against ``TrainConfig``'s defaults.
 
 Scoring is on ``eval_split: validation`` (rows carved from the training files), never on the test split.
+
+Round 1 (``docs/deal_defaults.md``) found today's defaults at a small budget where nothing was forgotten. Round 2
+(``--round 2``, ``docs/deal_defaults_round2.md``, issue "DEAL round 2") starts from those defaults and searches the
+retention switches (docs/design.md 3.1-3.3) at a budget where SeqLoRA does forget: standard order 1 with 300
+training rows per task and the 100-row validation carve, about 25 minutes per point on one core.
 """
 
 from __future__ import annotations
@@ -47,6 +52,26 @@ STAGES: list[tuple[str, list[str]]] = [
 """(title, --grid specs). Stage 1 includes the paper's own point (no residual, no drift)."""
 
 DOC = os.path.join("docs", "deal_defaults.md")
+
+BUDGET_ROUND2 = ["--config", "configs/paper_budget_smollm2_order1.yaml", "--max_train_samples", "300",
+                 "--eval_split", "validation", "--eval_zero_shot", "false"]
+"""Round 2: the paper-budget config (standard order 1, 100 validation rows per task) at 300 training rows per task,
+where sequential training forgets; about 25 minutes per point on one core with the fast path."""
+
+STAGES_ROUND2: list[tuple[str, list[str]]] = [
+    ("Residual (and MLP correction) projected off the history's top-k directions (energy 0.9)",
+     ["deal_project_residual=none,A,B,both"]),
+    ("Drift penalty weighted by the history's singular values", ["deal_drift_weighting=flat,spectral"]),
+    ("Separate drift weight on the filtered history (the residual keeps deal_lambda_drift)",
+     ["deal_lambda_drift_history=0.03,0.3"]),
+]
+"""Round 2's stages (docs/design.md 3.1-3.3); every switch is off in round 1's winner, so its first row is the
+incumbent."""
+
+ROUNDS = {1: (BUDGET, STAGES, REFERENCE_GRID, DOC, os.path.join("outputs", "deal_search")),
+          2: (BUDGET_ROUND2, STAGES_ROUND2, ["method=seq_lora,o_lora"], os.path.join("docs", "deal_defaults_round2.md"),
+              os.path.join("outputs", "deal_search_round2"))}
+"""round -> (budget, stages, reference grid, report, default output folder)."""
 
 
 def best_point(points: list[dict]) -> dict:
@@ -87,30 +112,35 @@ def mechanism_table(runs: list[tuple[str, str]]) -> str:
                 continue
             ch = p["relative_change"]
             drops = ", ".join(f"{m['tasks'][i]} {acc[i][t] - acc[i][t - 1]:+.1f}" for i in range(t))
-            lines.append(f"| {label} | {t + 1} {p['task']} | {100 * ch['delta_w']:.0f}% | {100 * ch['A']:.0f}% | "
-                         f"{100 * ch['B']:.0f}% | {drops} |")
+            moved = ["n/a" if ch.get(k) is None else f"{100 * ch[k]:.0f}%" for k in ("delta_w", "A", "B")]
+            lines.append(f"| {label} | {t + 1} {p['task']} | {' | '.join(moved)} | {drops} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="outputs/deal_search")
+    parser.add_argument("--round", type=int, choices=sorted(ROUNDS), default=1,
+                        help="1: the search behind today's defaults; 2: the retention switches at a forgetting budget.")
+    parser.add_argument("--output_dir", default=None, help="Runs folder (default: outputs/deal_search[_round2]).")
     parser.add_argument("--stages", default="1,2",
                         help="Stages to run (comma-separated numbers); later stages need the earlier ones.")
-    parser.add_argument("--doc", default=DOC, help="Where to write the Markdown report.")
+    parser.add_argument("--doc", default=None, help="Where to write the Markdown report (default: the round's).")
     args, extra = parser.parse_known_args(argv)
+    budget, stages, reference_grid, doc_path, output_dir = ROUNDS[args.round]
+    args.doc = args.doc or doc_path
+    args.output_dir = args.output_dir or output_dir
     wanted = {int(s) for s in args.stages.split(",") if s.strip()}
-    base = config_from_args(build_parser().parse_args([*BUDGET, *extra, "--method", "deal"]))
+    base = config_from_args(build_parser().parse_args([*budget, *extra, "--method", "deal"]))
     started = time.time()
     sections = []
 
     ref = sweep(dataclasses.replace(base, output_dir=os.path.join(args.output_dir, "reference")),
-                parse_grid(REFERENCE_GRID))
+                parse_grid(reference_grid))
     fixed: dict = {}
     incumbent = None
     runs = [(f"method={p['settings']['method']}", p["output_dir"]) for p in ref["points"]]
-    for i, (title, grid_specs) in enumerate(STAGES, start=1):
+    for i, (title, grid_specs) in enumerate(stages, start=1):
         if i not in wanted:
             break
         grid = parse_grid(grid_specs)
@@ -129,14 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     ref_rows = "\n".join(f"| {p['settings']['method']} | {format_pct(p['average_accuracy'])} | "
                          f"{format_pct(p['backward_transfer'], True)} | {p['trainable_parameters']:,} | "
                          f"{p['wall_seconds'] / 60:.1f} min |" for p in ref["points"])
-    doc = f"""# DEAL's default settings: how they were found
+    title = ("DEAL's default settings: how they were found" if args.round == 1 else
+             "DEAL round 2: the retention switches searched at a budget where SeqLoRA forgets")
+    winner_title = ("Winner (the `tuned` profile: `TrainConfig`'s defaults)" if args.round == 1 else
+                    "Winner of round 2 (on top of round 1's defaults; it becomes the default only once it beats the "
+                    "baselines on the test split at the paper budget, docs/results.md)")
+    doc = f"""# {title}
 
-Generated by `python scripts/search_deal_defaults.py --stages {args.stages}`; do not edit by hand.
+Generated by `python scripts/search_deal_defaults.py --round {args.round} --stages {args.stages}`; do not edit by hand.
 Every number below is an average accuracy (AA, exact match %) on the **validation split** (`eval_split:
 validation`: `validation_rows` rows per task carved from each training file and never trained on); the test
 split was not used to choose anything.
 
-Budget: `{' '.join(BUDGET)}` plus `{' '.join(extra) or '(nothing)'}`: model `{base.model}`, tasks
+Budget: `{' '.join(budget)}` plus `{' '.join(extra) or '(nothing)'}`: model `{base.model}`, tasks
 {' → '.join(ref['tasks'])}, at most {base.max_train_samples} training rows per task, LoRA r {base.lora_rank} /
 alpha {base.lora_alpha:g} on {', '.join(base.target_modules)}, lr {base.learning_rate:g}, batch
 {base.per_device_train_batch_size}, seed {base.seed}. With {base.validation_rows} validation rows per task one row
@@ -165,7 +200,7 @@ the folded factors), next to the change of every earlier task's validation accur
 
 """ + mechanism_table(runs) + f"""
 
-## Winner (the `tuned` profile: `TrainConfig`'s defaults)
+## {winner_title}
 
 ```json
 {json.dumps(winner, indent=2, sort_keys=True)}
