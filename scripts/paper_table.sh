@@ -4,7 +4,7 @@
 # same command after an interruption: a finished run is skipped, an unfinished one resumes after its last finished
 # task (the trainer's own resume). After each finished run its metrics.json and per-row predictions (gzipped) are
 # copied to $RESULTS_DIR/standard_order<k>/<method>/ (committed files; docs/results.md is generated from them:
-#   python -m deal_train.results --runs results --output docs/results.md).
+#   python -m deal_train.results --runs results --output docs/results.md, which this script runs at its end).
 # A machine stopped mid-run loses its outputs/ folder: `scripts/paper_table.sh save` copies the finished tasks of
 # every unfinished run to $RESULTS_DIR/partial/standard_order<k>/<method>/ (commit that folder); a later run of this
 # script on any machine restores such a copy before the run, resumes after its last finished task, and deletes the
@@ -50,6 +50,12 @@ run() {  # order method
         && rm -rf "$dest" && mv "$dest.tmp" "$dest" && echo "copied: $dest" && rm -rf "$saved"
 }
 
+page() {  # docs/results.md from the finished runs in $RESULTS_DIR (only for the default results folder)
+    [ "$RESULTS_DIR" = results ] || return 0
+    "$PYTHON" -m deal_train.results --runs results --output docs/results.md || echo "FAILED: docs/results.md"
+}
+
 for m in $METHODS1; do run 1 "$m"; done
 for k in $ORDERS23; do for m in $METHODS23; do run "$k" "$m"; done; done
+page
 exit $failed

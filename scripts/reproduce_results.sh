@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce docs/results.md from scratch, in one command:
+# The small-budget results page from scratch (64 training / 32 test rows per task; docs/results.md itself is made
+# from the paper-budget runs in results/, scripts/paper_table.sh), in one command:
 #
 #     scripts/reproduce_results.sh
 #
@@ -8,7 +9,7 @@
 #    (order, method) into $RESULTS_ROOT/standard_order<k>/<method>/.
 # 2. The data-efficiency curve: deal and seq_lora on benchmark=tc with 50, 100, 200 and 400 training rows per task
 #    (the same test rows) into $RESULTS_ROOT/tc_rows<n>/<method>/.
-# 3. `python -m deal_train.results`, which writes docs/results.md and docs/results/*.png from the runs' metrics.json.
+# 3. `python -m deal_train.results`, which writes $RESULTS_DOC and its figures from the runs' metrics.json.
 #
 # Resumable: a finished run with the same settings is read back, not rerun, and a partial one resumes after its last
 # finished task (deal_train.compare does both), so the script can be stopped (Ctrl-C, or SIGTERM: the running
@@ -17,7 +18,7 @@
 # command), its output to $RESULTS_ROOT/logs/<label>.log.
 #
 # Environment knobs (defaults in brackets):
-#   RESULTS_ROOT [outputs/results]  where the runs go        RESULTS_DOC [docs/results.md]  the page to write
+#   RESULTS_ROOT [outputs/results]  where the runs go     RESULTS_DOC [$RESULTS_ROOT/results.md]  the page to write
 #   RESULTS_JOBS [1]   compare invocations run in parallel (each with OMP_NUM_THREADS=1 unless set)
 #   RESULTS_ONLY [all] table | curve | all                   RESULTS_DRY_RUN [0]  1: print the commands, run nothing
 #   MODEL, TRAIN_ROWS, TEST_ROWS, ORDERS, METHODS, CURVE_METHODS, CURVE_ROWS, CURVE_TEST_ROWS: the budget below;
@@ -42,7 +43,7 @@ CURVE_CONFIG=configs/tc_smollm2.yaml
 COMMON_ARGS="--model $MODEL --eval_zero_shot false"
 
 RESULTS_ROOT="${RESULTS_ROOT:-outputs/results}"
-RESULTS_DOC="${RESULTS_DOC:-docs/results.md}"
+RESULTS_DOC="${RESULTS_DOC:-$RESULTS_ROOT/results.md}"
 RESULTS_JOBS="${RESULTS_JOBS:-1}"
 RESULTS_ONLY="${RESULTS_ONLY:-all}"
 RESULTS_DRY_RUN="${RESULTS_DRY_RUN:-0}"
@@ -124,7 +125,7 @@ trap 'on_signal 143' TERM
 SESSION_START_UTC="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 SESSION_START="$(now_ms)"
 
-echo "Reproducing docs/results.md: ${#LABELS[@]} run(s) into $RESULTS_ROOT, $RESULTS_JOBS at a time; log $LOG"
+echo "Reproducing $RESULTS_DOC: ${#LABELS[@]} run(s) into $RESULTS_ROOT, $RESULTS_JOBS at a time; log $LOG"
 for i in "${!LABELS[@]}"; do
     [[ "$STOP" != 0 ]] && break
     while (( $(jobs -rp | wc -l) >= RESULTS_JOBS )); do wait -n || true; [[ "$STOP" != 0 ]] && break 2; done
