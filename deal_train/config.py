@@ -199,8 +199,9 @@ class TrainConfig:
                                             "singular vectors; lora_B: output directions), fixed at the task's start "
                                             "(docs/design.md section 3.1). none, or the factors it applies to: A, B, "
                                             "both (ours; off in both profiles).", ("none", "A", "B", "both"))
-    deal_project_energy: float = _f(0.95, "k of deal_project_residual: the smallest number of the history's singular "
-                                          "values whose sum of s_i^2 reaches this share (0, 1] of sum s^2 "
+    deal_project_energy: float = _f(0.95, "k of deal_project_residual and deal_grow_adapter: the smallest number of "
+                                          "the history's singular values whose sum of s_i^2 reaches this share "
+                                          "(0, 1] of sum s^2 "
                                           "(docs/design.md section 3.1).")
     deal_drift_weighting: str = _f("flat", "Drift penalty measure: flat ||O - Y||_F^2 / ||Y||_F^2, or spectral: "
                                            "(sum_i w_i ||u_i^T (O - Y)||^2 + ||(I - U U^T)(O - Y)||_F^2) / ||Y||_F^2 "
@@ -217,6 +218,14 @@ class TrainConfig:
                                                         "null: deal_lambda_drift; both null: the unsplit penalty "
                                                         "deal_lambda_drift sum ||O - Y||^2 / ||Y||^2 "
                                                         "(docs/design.md section 3.3).")
+
+    deal_grow_adapter: bool = _f(False, "Rank-growing orthogonal update: every task after the first trains a NEW "
+                                        "rank-r LoRA adapter next to the DEAL-filtered earlier ones, its lora_A "
+                                        "kept exactly off the input directions the earlier adapters read "
+                                        "(A = A0 + R (I - V_k V_k^T), V_k the top-k right singular vectors of the "
+                                        "history's sum_i s_i B_i A_i, k by deal_project_energy). The saved adapter "
+                                        "after task t has rank (t+1) r, as O-LoRA's (docs/design.md section 3.4; "
+                                        "ours; off in both profiles).")
 
     # --- baselines (docs/design.md section 4) ------------------------------------------------------
     o_lora_lambda_orth: float = _f(0.5, "O-LoRA lambda_orth: weight of sum_i sum_layers sum |A_i A_t^T| (elementwise "
@@ -259,11 +268,11 @@ PAPER_PROFILE: dict[str, Any] = {
     "deal_lambda_retention": 0.01, "deal_norm_retention": 10.0, "deal_lambda_update": 0.001, "deal_norm_update": 2.0,
     "deal_reg_target": "raw", "deal_reg_form": "norm", "deal_lambda_drift": 0.0, "deal_residual_update": False,
     "deal_project_residual": "none", "deal_drift_weighting": "flat", "deal_lambda_drift_history": None,
-    "deal_lambda_drift_residual": None,
+    "deal_lambda_drift_residual": None, "deal_grow_adapter": False,
 }
 """``deal_profile: paper``: the paper's literal DEAL (Eq. 12 on the raw parameters with the reference scripts'
 lambda_1 = 0.01, a = 10, lambda_2 = 0.001, b = 2; no drift penalty, no residual update, none of the round-2
-switches: projection, spectral drift weighting, split drift weights)."""
+switches: projection, spectral drift weighting, split drift weights, growing adapter)."""
 
 TUNED_PROFILE: dict[str, Any] = {}
 """``deal_profile: tuned``: the TrainConfig defaults (the winner of docs/deal_defaults.md's search)."""

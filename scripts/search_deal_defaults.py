@@ -59,13 +59,16 @@ BUDGET_ROUND2 = ["--config", "configs/paper_budget_smollm2_order1.yaml", "--max_
 where sequential training forgets; about 25 minutes per point on one core with the fast path."""
 
 STAGES_ROUND2: list[tuple[str, list[str]]] = [
-    ("Residual (and MLP correction) projected off the history's top-k directions (energy 0.9)",
+    ("A new rank-r adapter per task, orthogonal to the history's input directions (docs/design.md 3.4)",
+     ["deal_grow_adapter=false,true"]),
+    ("The residual R on the filtered history, with or without the growing adapter", ["deal_residual_update=true,false"]),
+    ("Residual (and MLP correction) projected off the history's top-k directions (energy 0.95)",
      ["deal_project_residual=none,A,B,both"]),
     ("Drift penalty weighted by the history's singular values", ["deal_drift_weighting=flat,spectral"]),
     ("Separate drift weight on the filtered history (the residual keeps deal_lambda_drift)",
      ["deal_lambda_drift_history=0.03,0.3"]),
 ]
-"""Round 2's stages (docs/design.md 3.1-3.3); every switch is off in round 1's winner, so its first row is the
+"""Round 2's stages (docs/design.md 3.1-3.4); every switch is off in round 1's winner, so its first row is the
 incumbent."""
 
 ROUNDS = {1: (BUDGET, STAGES, REFERENCE_GRID, DOC, os.path.join("outputs", "deal_search")),

@@ -20,7 +20,7 @@ from deal_train.data import Encoder, collate_train
 from deal_train.model.losses import answer_forward, token_cross_entropy_sum
 from deal_train.methods.adapters import lora_layers
 from deal_train.methods.lwf import TEACHER_ADAPTER
-from deal_train.methods.o_lora import CAT_ADAPTER
+from deal_train.methods.adapters import CAT_ADAPTER
 from deal_train.model.loading import load_model
 
 from conftest import forget_last_task, saved_predictions, predictions_on_test_rows

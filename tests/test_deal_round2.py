@@ -24,10 +24,10 @@ SWITCHES = {
     "all": dict(deal_project_residual="both", deal_drift_weighting="spectral", deal_lambda_drift_history=0.5,
                 deal_lambda_drift_residual=None),
 }
-NEW_KEYS = ("deal_project_residual", "deal_project_energy", "deal_drift_weighting", "deal_lambda_drift_history",
-            "deal_lambda_drift_residual")
-OFF = {"deal_project_residual": "none", "deal_drift_weighting": "flat", "deal_lambda_drift_history": None,
-       "deal_lambda_drift_residual": None}
+NEW_KEYS = ("deal_grow_adapter", "deal_project_residual", "deal_project_energy", "deal_drift_weighting",
+            "deal_lambda_drift_history", "deal_lambda_drift_residual")
+OFF = {"deal_grow_adapter": False, "deal_project_residual": "none", "deal_drift_weighting": "flat",
+       "deal_lambda_drift_history": None, "deal_lambda_drift_residual": None}
 
 
 def _switch_cfg(name, **kw):
@@ -444,11 +444,13 @@ def test_memory_estimate_counts_the_new_buffers(tokenizer):
 
 # --- a task resumed mid-way with the switches on ----------------------------------------------------------------
 ROUND2_ARGS = ["--deal_project_residual", "both", "--deal_project_energy", "0.8", "--deal_drift_weighting",
-               "spectral", "--deal_lambda_drift_history", "1.0", "--deal_residual_update", "true"]
+               "spectral", "--deal_lambda_drift_history", "1.0", "--deal_residual_update", "true",
+               "--deal_grow_adapter", "true"]
 
 
 def test_sigint_in_task_2_then_resume_gives_the_same_run_with_the_switches_on(tmp_path, capsys):
-    """The projection basis, the spectral weights and the split drift survive a step checkpoint: a run stopped by
+    """The projection basis, the spectral weights, the split drift and the growing adapter (its new adapter, basis
+    and R) survive a step checkpoint: a run stopped by
     SIGINT inside task 2 (DEAL) and rerun ends with the uninterrupted run's adapters, byte for byte; a rerun with a
     switch flipped is refused (the switches are not resume-ignored)."""
     import json
@@ -483,5 +485,5 @@ def test_sigint_in_task_2_then_resume_gives_the_same_run_with_the_switches_on(tm
         assert (out / "adapters" / a / "adapter_model.safetensors").read_bytes() == \
             (ref_out / "adapters" / a / "adapter_model.safetensors").read_bytes(), a
     saved = json.loads((out / "metrics.json").read_text())["config"]
-    assert (saved["deal_project_residual"], saved["deal_drift_weighting"], saved["deal_lambda_drift_history"]) == \
-        ("both", "spectral", 1.0)
+    assert (saved["deal_project_residual"], saved["deal_drift_weighting"], saved["deal_lambda_drift_history"],
+            saved["deal_grow_adapter"]) == ("both", "spectral", 1.0, True)

@@ -70,18 +70,40 @@ def reference(tmp_path_factory):
     return out, run(cfg)
 
 
+NEW_B_TOL = 1e-5
+"""Tolerance on the lora_B of the adapter a task adds (``deal_grow_adapter``), whose entries (~1e-2) start at zero
+and take two Adam steps: an entry whose two gradients nearly cancel carries the relative differences of task 1
+(~1e-7 between layouts) into its normalised step many times enlarged. Measured on the tiny run: layer 1 q_proj,
+entry (13, 5): 4e-7 between batch 4 and 2 x 2 accumulation in one process, 2e-6 under ZeRO-3 (task-1 differences
+2.8e-7); every other entry stays within TOL."""
+
+
 def _adapters(out) -> list[dict[str, torch.Tensor]]:
     return [load_file(out / "adapters" / t / "adapter_model.safetensors") for t in TASKS]
 
 
 def _assert_same_adapters(out, ref_out):
+    """The same adapters within TOL. A concatenated adapter (``deal_grow_adapter``; rank above ``lora_rank``) stores
+    each block of lora_A times its task adapter's scale s = lora_alpha / lora_rank, so there lora_A is compared
+    within s · TOL (the same tolerance on the trained A_i), and the lora_B columns of the task's new adapter within
+    NEW_B_TOL."""
+    config = json.loads((ref_out / "metrics.json").read_text())["config"]
+    r, scale = config["lora_rank"], config["lora_alpha"] / config["lora_rank"]
     for task, got, want in zip(TASKS, _adapters(out), _adapters(ref_out)):
         assert got.keys() == want.keys(), task
+        concatenated = json.loads((ref_out / "adapters" / task / "adapter_config.json").read_text())["r"] > r
         for k in want:
             assert got[k].shape == want[k].shape and got[k].numel() > 0, (task, k)
-            torch.testing.assert_close(got[k], want[k], atol=TOL, rtol=0, msg=f"{task} {k}")
+            if concatenated and "lora_B" in k:
+                torch.testing.assert_close(got[k][:, -r:], want[k][:, -r:], atol=NEW_B_TOL, rtol=0, msg=f"{task} {k}")
+                got[k], want[k] = got[k][:, :-r], want[k][:, :-r]
+            atol = TOL * scale if concatenated and "lora_A" in k else TOL
+            torch.testing.assert_close(got[k], want[k], atol=atol, rtol=0, msg=f"{task} {k}")
     first, second = _adapters(ref_out)
-    assert any((first[k] - second[k]).abs().max() > 100 * TOL for k in first), "DEAL's task 2 changed nothing"
+    if all(first[k].shape == second[k].shape for k in first):
+        assert any((first[k] - second[k]).abs().max() > 100 * TOL for k in first), "DEAL's task 2 changed nothing"
+    else:  # deal_grow_adapter: task 2's adapter is the rank-2r concatenation of both task adapters
+        assert all(second[k].numel() == 2 * first[k].numel() for k in first)
 
 
 def test_ddp_two_processes_equal_one_process(reference, tmp_path):
@@ -136,9 +158,10 @@ def test_deepspeed_zero3_deal_without_checkpointing_falls_back_on_its_own_tasks(
 
 
 ROUND2 = {"deal_project_residual": "A", "deal_project_energy": 1.0, "deal_drift_weighting": "spectral",
-          "deal_lambda_drift": 0.1, "deal_lambda_drift_history": 1.0}
-"""DEAL's round-2 switches on (docs/design.md 3.1-3.3): the projection, the spectral drift, split drift weights
-(λ_h = 1, λ_r = deal_lambda_drift). The projection is taken on lora_A off the whole span of its history (energy 1)
+          "deal_lambda_drift": 0.1, "deal_lambda_drift_history": 1.0, "deal_grow_adapter": True}
+"""DEAL's round-2 switches on (docs/design.md 3.1-3.4): the projection, the spectral drift, split drift weights
+(λ_h = 1, λ_r = deal_lambda_drift), the growing orthogonal adapter (its basis off the whole span as well). The
+projection is taken on lora_A off the whole span of its history (energy 1)
 because a projector moves by about δ / (s_k − s_(k+1)) when the history moves by δ: task 1's cross-process
 differences (δ up to 4e-7) and the cut k = 3 of energy 0.8 inside a pair s_3 ≈ s_4 (0.458, 0.441) once gave 2.4e-6
 (DDP), over TOL, from conditioning alone (without the projection: 3.4e-7). Off the whole span of A (s_min ≥ 0.44)

@@ -52,7 +52,8 @@ DRIFT_WEIGHTINGS = ("flat", "spectral")
 """``deal_drift_weighting``: how ``DEALFactor.drift`` measures a factor's movement (see ``DEALFactor.drift_energy``)."""
 
 __all__ = ["ACTIVATIONS", "RETENTION_ACTIVATIONS", "KERNELS", "DRIFT_WEIGHTINGS", "SpectralFilter", "RetentionStack",
-           "UpdateMLP", "DEALFactor", "DRIFT_FLOOR_FRACTION", "energy_rank", "history_basis", "set_drift_floors",
+           "UpdateMLP", "DEALFactor", "OrthogonalGrowth", "DRIFT_FLOOR_FRACTION", "energy_rank", "history_basis",
+           "history_input_basis", "low_rank_svd", "set_drift_floors",
            "p_norm", "regulariser", "attach", "fold"]
 
 
@@ -75,6 +76,22 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     if total <= 0.0:
         return 0
     return min(int((cumulative < energy * total).sum()) + 1, e.numel()) if energy < 1.0 else int((e > 0).sum())
+
+
+def low_rank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U, s, V) of M = b @ a (b: d_out × R, a: R × d_in) without forming M: M = U diag(s) Vᵀ.
+
+    M has rank ≤ R (R = r · number of adapters), while d_out × d_in is large, so: b = Q_b R_b and aᵀ = Q_a R_a
+    (reduced QR; Q_b: d_out × R, Q_a: d_in × R, orthonormal columns), M = Q_b (R_b R_aᵀ) Q_aᵀ, and the SVD of the
+    R × R core C = R_b R_aᵀ = U_c diag(s) V_cᵀ gives U = Q_b U_c, V = Q_a V_c. O((d_out + d_in) R²) instead of
+    O(d_out d_in min(d_out, d_in)). Float64, on the CPU; the results go back to ``b``'s device.
+    """
+    device = b.device
+    b, a = b.detach().double().cpu(), a.detach().double().cpu()
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.T)
+    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    return (q_b @ u_c).to(device), s.to(device), (q_a @ vh_c.T).to(device)
 
 
 class RetentionStack(nn.Module):
@@ -307,6 +324,54 @@ class DEALFactor(nn.Module):
         return self.drift_energy(x_hat - self.history) / den, self.drift_energy(out - x_hat) / den
 
 
+def history_input_basis(pairs: list[tuple[torch.Tensor, torch.Tensor, float]], energy: float) -> torch.Tensor:
+    """V_k (d_in × k, float32): the top-k right singular vectors of one layer's history ΔW_h = Σ_i s_i B_i A_i over
+    the earlier adapters ``pairs`` = [(B_i: d_out × r, A_i: r × d_in, s_i = lora_alpha / r)], i.e. the input
+    directions the history reads, k = ``energy_rank(σ, energy)`` on ΔW_h's singular values σ (0 columns for an
+    all-zero history). ΔW_h is not formed (``low_rank_svd``); float64 inside, no gradient. The same directions
+    ``train.adapter_change`` measures its ``input`` overlap against."""
+    with torch.no_grad():
+        b_cat = torch.cat([b for b, _a, _s in pairs], dim=1)
+        a_cat = torch.cat([a * s for _b, a, s in pairs], dim=0)
+        _u, sv, v = low_rank_svd(b_cat, a_cat)
+        k = energy_rank(sv, energy)
+    return v[:, :k].float().contiguous()
+
+
+class OrthogonalGrowth(nn.Module):
+    """Parametrization of the new adapter's ``lora_A.weight`` under ``deal_grow_adapter`` (docs/design.md 3.4):
+
+        A = A0 + R P⊥,   P⊥ = I − V_k V_kᵀ      (A0, R: r × d_in; V_k: d_in × k, ``history_input_basis``)
+
+    with A0 the frozen weight that ``parametrize`` passes in (PEFT's initialisation, written already projected:
+    A0 = A_init P⊥, ``project_out``) and R the trainable residual (zero at the start of the task, so A = A0 exactly).
+    Every row of A stays in the orthogonal complement of the input directions the earlier adapters read, so the
+    new adapter's ΔW = s B A reads nothing of what they read: O-LoRA's constraint (its |A_i A_tᵀ| penalty) made
+    exact. B of the new adapter trains as plain LoRA.
+
+    Buffers: ``basis`` (d_in × k). Parameters: ``residual`` (r × d_in). ``forward`` computes from its input (the
+    frozen weight), which ZeRO-3 needs for a leaf module (``train.distributed.mark_leaf_modules``).
+    """
+
+    def __init__(self, weight: torch.Tensor, basis: torch.Tensor):
+        super().__init__()
+        if basis.dim() != 2 or basis.shape[0] != weight.shape[1]:
+            raise ValueError(f"basis must be d_in × k with d_in = {weight.shape[1]} (lora_A is {tuple(weight.shape)}), "
+                             f"got {tuple(basis.shape)}.")
+        self.register_buffer("basis", basis.detach().float().contiguous().clone())
+        self.residual = nn.Parameter(torch.zeros(weight.shape, dtype=torch.float32))
+
+    def project_out(self, a: torch.Tensor) -> torch.Tensor:
+        """a P⊥ = a − (a V_k) V_kᵀ (a: rows in the input space, r × d_in; unchanged for k = 0)."""
+        if self.basis.shape[1] == 0:
+            return a
+        return a - (a @ self.basis) @ self.basis.t()
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """A0 + R P⊥ in ``weight``'s dtype and layout (A0 = ``weight``)."""
+        return (weight.float() + self.project_out(self.residual)).to(weight.dtype).contiguous()
+
+
 DRIFT_FLOOR_FRACTION = 1e-3
 """ε of the drift penalty as a fraction of the mean history energy ||Y||²_F of the adapter's factors."""
 
@@ -368,8 +433,9 @@ def regulariser(params: list[torch.Tensor], starts: list[torch.Tensor] | None, p
     return total
 
 
-def attach(module: nn.Module, tensor_name: str, factor: DEALFactor) -> None:
-    """Install ``factor`` as the parametrization of ``module.<tensor_name>`` (the weight stays frozen)."""
+def attach(module: nn.Module, tensor_name: str, factor: nn.Module) -> None:
+    """Install ``factor`` (a ``DEALFactor`` or ``OrthogonalGrowth``) as the parametrization of
+    ``module.<tensor_name>`` (the weight stays frozen)."""
     getattr(module, tensor_name).requires_grad_(False)
     parametrize.register_parametrization(module, tensor_name, factor)
 

@@ -1,5 +1,6 @@
 """PEFT adapter helpers shared by the methods: naming, finding LoRA layers, switching active adapters without
-leaving gradients on, and saving one named adapter as a plain PEFT adapter."""
+leaving gradients on, saving one named adapter as a plain PEFT adapter, and saving several task adapters as one
+concatenated adapter (O-LoRA, DEAL with ``deal_grow_adapter``) and rebuilding them from it."""
 
 from __future__ import annotations
 
@@ -87,3 +88,68 @@ def load_named_adapter(model: PeftModel, path: str, adapter: str) -> None:
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"Adapter {path} does not fit adapter '{adapter}': missing {result.missing_keys[:3]}, "
                            f"unexpected {result.unexpected_keys[:3]}.")
+
+
+CAT_ADAPTER = "cat_adapters"
+"""Name of the temporary concatenated adapter built by ``save_concatenated`` (and while ``load_concatenated`` runs)."""
+
+
+def save_concatenated(model: PeftModel, names: list[str], path: str) -> None:
+    """Save adapters ``names`` (each of rank r) as ONE plain PEFT adapter of rank len(names)·r under ``path``.
+
+    PEFT's ``add_weighted_adapter(names, [1]*k, combination_type="cat")`` stacks the rows ``A_i · scaling_i`` and the
+    columns ``B_i`` and gives the result ``lora_alpha = r_cat`` (scaling 1), so ``B_cat A_cat x = Σ_i scaling_i B_i
+    A_i x``: exactly the live model's LoRA output with all of them active. One adapter is saved as it is (``cat`` of
+    one adapter falls back to PEFT's ``linear`` combination). The temporary adapter is deleted again; active
+    adapters and ``requires_grad`` are unchanged. PEFT creates the ``cat`` adapter in the base layers' dtype, which
+    on a bfloat16/float16 base would round ``A_i · scaling_i`` to 16 bits, so such a ``cat`` is recomputed in float32
+    from the float32 task adapters with the same formula.
+    """
+    if len(names) == 1:
+        save_named_adapter(model, names[0], path)
+        return
+    with kept_adapter_state(model):
+        model.base_model.add_weighted_adapter(names, [1.0] * len(names), CAT_ADAPTER, combination_type="cat")
+        try:
+            with torch.no_grad():
+                for _n, layer in lora_layers(model, CAT_ADAPTER):
+                    a_cat, b_cat = layer.lora_A[CAT_ADAPTER].weight, layer.lora_B[CAT_ADAPTER].weight
+                    if a_cat.dtype == torch.float32 and b_cat.dtype == torch.float32:
+                        continue
+                    a_cat.data = torch.cat([layer.lora_A[n].weight * layer.scaling[n] for n in names], dim=0).float()
+                    b_cat.data = torch.cat([layer.lora_B[n].weight for n in names], dim=1).float()
+            save_named_adapter(model, CAT_ADAPTER, path)
+        finally:
+            model.delete_adapter(CAT_ADAPTER)
+
+
+def load_concatenated(model: PeftModel, path: str, names: list[str], rank: int, lora_config) -> None:
+    """Rebuild adapters ``names`` (the first may exist already, as the one the model was wrapped with; the others are
+    added with ``lora_config``) from the concatenated adapter ``save_concatenated`` wrote to ``path``.
+
+    Block i of the saved adapter holds ``A_i · scaling_i / scaling_cat`` and ``B_i``; dividing the scale back out is
+    exact when ``lora_alpha / r`` is a power of two (the default 32 / 8 = 4) and otherwise within one float rounding.
+    All adapters end active and frozen.
+
+    Raises:
+        ValueError: the saved adapter's rank is not len(names) · ``rank``.
+    """
+    k = len(names)
+    load_named_adapter(model, path, CAT_ADAPTER)  # inactive and frozen
+    try:
+        if model.peft_config[CAT_ADAPTER].r != k * rank:
+            raise ValueError(f"{path} has rank {model.peft_config[CAT_ADAPTER].r}, expected {k} tasks × rank {rank}.")
+        for name in names:
+            if name not in model.peft_config:
+                model.add_adapter(name, lora_config)
+        with torch.no_grad():
+            for _n, layer in lora_layers(model, CAT_ADAPTER):
+                a_cat, b_cat = layer.lora_A[CAT_ADAPTER].weight, layer.lora_B[CAT_ADAPTER].weight
+                for i, name in enumerate(names):
+                    ratio = layer.scaling[CAT_ADAPTER] / layer.scaling[name]
+                    layer.lora_A[name].weight.copy_(a_cat[i * rank:(i + 1) * rank] * ratio)
+                    layer.lora_B[name].weight.copy_(b_cat[:, i * rank:(i + 1) * rank])
+    finally:
+        model.delete_adapter(CAT_ADAPTER)
+    activate(model, names)
+    model.set_requires_grad(names, requires_grad=False)

@@ -6,6 +6,11 @@ Task 0 trains a plain LoRA adapter. Before every later task the adapter is froze
 ``DEALFactor`` parametrization is installed on ``lora_A.weight`` and/or ``lora_B.weight`` of each LoRA
 layer (``deal_update``), and only the retention and update parameters train. After the task the
 parametrizations are folded into the weights, leaving a plain PEFT LoRA adapter of the same rank.
+
+With ``deal_grow_adapter`` (docs/design.md section 3.4) the adapters are ``task_0 .. task_t`` as O-LoRA's: every
+task after the first adds a new rank-r adapter whose ``lora_A`` is kept off the earlier adapters' input directions
+(``OrthogonalGrowth``), while the earlier adapters are DEAL-filtered as above; the adapter saved after task t is
+their concatenation, a plain PEFT adapter of rank (t+1)·r.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from peft import PeftModel
 from torch.nn.utils import parametrize
 
 from ..config import PROFILES
-from ..deal import DEALFactor, attach, regulariser, set_drift_floors
+from ..deal import DEALFactor, OrthogonalGrowth, attach, history_input_basis, regulariser, set_drift_floors
 from ..model.sharding import is_zero3, live, live_named, writing
-from .adapters import lora_layers
+from .adapters import activate, load_concatenated, lora_layers, save_concatenated, task_adapter
 from .base import ContinualMethod, paper_row
 
 
@@ -43,7 +48,7 @@ class DEAL(ContinualMethod):
     ``deal_reg_form`` (norm/power), ``deal_lambda_drift``, ``deal_residual_update`` (our residual R; its
     parameters train at ``learning_rate``); the round-2 switches (docs/design.md sections 3.1-3.3, all off by
     default): ``deal_project_residual`` / ``deal_project_energy``, ``deal_drift_weighting``,
-    ``deal_lambda_drift_history`` / ``deal_lambda_drift_residual``.
+    ``deal_lambda_drift_history`` / ``deal_lambda_drift_residual``, ``deal_grow_adapter`` (section 3.4).
     """
 
     name = "deal"
@@ -65,7 +70,9 @@ class DEAL(ContinualMethod):
     def plan_trainable(cls, lora_parameters: int, factor_shapes: list[tuple[tuple, tuple]],
                        cfg) -> tuple[int, int]:
         """LoRA on task 1; on later tasks the parameters of the factor map DEAL builds (``new_factor``) for every
-        LoRA factor ``deal_update`` maps, each built once per shape on a small random CPU matrix."""
+        LoRA factor ``deal_update`` maps, each built once per shape on a small random CPU matrix. With
+        ``deal_grow_adapter`` the later count is task 2's (the maps of one earlier adapter plus the new adapter's
+        R and B, as many as a LoRA adapter's); each further task adds the maps of one more earlier adapter."""
         deal = cls(cfg)
         counts: dict = {}
         total = 0
@@ -77,29 +84,82 @@ class DEAL(ContinualMethod):
                     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
                     counts[(which, shape)] = sum(p.numel() for p in deal.new_factor(weight, which).parameters())
                 total += counts[(which, shape)]
+        if cfg.deal_grow_adapter:
+            total += lora_parameters
         return lora_parameters, total
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.factors: list[DEALFactor] = []
+        self.growth: list[OrthogonalGrowth] = []  # the new adapter's lora_A maps (deal_grow_adapter)
         self._retention_start: list[torch.Tensor] = []
         self._update_start: list[torch.Tensor] = []
 
+    @property
+    def grow(self) -> bool:
+        """``deal_grow_adapter``: one new adapter per task (``task_<t>``) instead of the one ``default`` adapter."""
+        return bool(self.cfg.deal_grow_adapter)
+
+    def wrap(self, base_model: torch.nn.Module) -> PeftModel:
+        """The LoRA adapter of task 1: ``default``, or ``task_0`` with ``deal_grow_adapter``."""
+        return self.new_peft_model(base_model, adapter_name=task_adapter(0) if self.grow else "default")
+
+    def adapter_names(self, model: PeftModel) -> list[str]:
+        """The adapters the model holds, in task order: ``default``, or ``task_0 .. task_{k-1}`` with grow."""
+        if not self.grow:
+            return ["default"]
+        names = []
+        while task_adapter(len(names)) in model.peft_config:
+            names.append(task_adapter(len(names)))
+        return names
+
+    def trained_adapter(self) -> str:
+        return task_adapter(self.task_index) if self.grow else "default"
+
     def before_task(self, model: PeftModel, task_index: int, train_rows=None) -> None:
+        """Task 0: nothing (plain LoRA). Later tasks: freeze the history adapter(s) and install a ``DEALFactor``
+        on each of their factors that ``deal_update`` maps; with ``deal_grow_adapter`` first add adapter
+        ``task_<t>`` and install ``OrthogonalGrowth`` on its ``lora_A`` (its basis from the history before DEAL
+        touches it), with its initial A written already projected.
+
+        Raises:
+            RuntimeError: with grow, the model does not hold exactly ``task_0 .. task_<t-1>``.
+        """
         super().before_task(model, task_index, train_rows)
-        self.factors = []
+        self.factors, self.growth = [], []
         if task_index == 0:
             return  # task 1 has no history: plain LoRA
         cfg = self.cfg
-        for _name, layer in lora_layers(model):
-            for which, linear in (("A", layer.lora_A["default"]), ("B", layer.lora_B["default"])):
-                linear.weight.requires_grad_(False)  # the history is frozen
-                if cfg.deal_update not in ("both", which):
-                    continue
-                factor = self.new_factor(linear.weight, which)
-                factor.to(linear.weight.device)
-                attach(linear, "weight", factor)
-                self.factors.append(factor)
+        history = self.adapter_names(model)
+        if self.grow:
+            if history != [task_adapter(i) for i in range(task_index)]:
+                raise RuntimeError(f"DEAL (deal_grow_adapter) before task {task_index}: the model holds adapters "
+                                   f"{history}.")
+            bases = [history_input_basis([(layer.lora_B[n].weight, layer.lora_A[n].weight, layer.scaling[n])
+                                          for n in history], cfg.deal_project_energy)
+                     for _name, layer in lora_layers(model, history[0])]
+            new = task_adapter(task_index)
+            model.add_adapter(new, self.lora_config())
+            activate(model, [*history, new])  # PEFT turns requires_grad on for every active adapter
+        for _name, layer in lora_layers(model, history[0]):
+            for adapter in history:
+                for which, linear in (("A", layer.lora_A[adapter]), ("B", layer.lora_B[adapter])):
+                    linear.weight.requires_grad_(False)  # the history is frozen
+                    if cfg.deal_update not in ("both", which):
+                        continue
+                    factor = self.new_factor(linear.weight, which)
+                    factor.to(linear.weight.device)
+                    attach(linear, "weight", factor)
+                    self.factors.append(factor)
+        if self.grow:
+            for (_name, layer), basis in zip(lora_layers(model, history[0]), bases):
+                linear = layer.lora_A[new]
+                growth = OrthogonalGrowth(linear.weight, basis.to(linear.weight.device))
+                with torch.no_grad():
+                    linear.weight.copy_(growth.project_out(linear.weight.float()).to(linear.weight.dtype))
+                growth.to(linear.weight.device)
+                attach(linear, "weight", growth)
+                self.growth.append(growth)
         set_drift_floors(self.factors)
         self._retention_start = [p.detach().clone().float() for f in self.factors for p in f.retention_parameters()]
         self._update_start = [p.detach().clone().float() for f in self.factors for p in f.update_parameters()]
@@ -122,15 +182,26 @@ class DEAL(ContinualMethod):
         """The residuals R of ``deal_residual_update`` (empty when it is off or on task 0)."""
         return [p for f in self.factors for p in f.residual_parameters()]
 
+    def growth_parameters(self, model: PeftModel) -> list[torch.nn.Parameter]:
+        """The new adapter's trainable tensors with ``deal_grow_adapter``: the R of each ``OrthogonalGrowth``
+        (r × d_in) and each ``lora_B`` (d_out × r); empty otherwise and on task 0."""
+        if not self.growth:
+            return []
+        new = self.trained_adapter()
+        return [*(g.residual for g in self.growth),
+                *(layer.lora_B[new].weight for _n, layer in lora_layers(model, new))]
+
     def param_groups(self, model: PeftModel) -> list[dict]:
         """Task 0: LoRA at ``learning_rate`` (``lora``). Later tasks: θ1, θ2 at ``deal_learning_rate`` (``deal``),
         residuals at ``learning_rate`` (``residual``: they move factor entries directly, as LoRA's own parameters
-        do)."""
+        do), and with ``deal_grow_adapter`` the new adapter at ``learning_rate`` (``lora``)."""
         if self.task_index == 0:
             return super().param_groups(model)
         groups = [{"params": self.deal_parameters(), "lr": self.cfg.deal_learning_rate, "name": "deal"}]
         if self.residual_parameters():
             groups.append({"params": self.residual_parameters(), "lr": self.cfg.learning_rate, "name": "residual"})
+        if self.growth:
+            groups.append({"params": self.growth_parameters(model), "lr": self.cfg.learning_rate, "name": "lora"})
         return groups
 
     def regularisation(self) -> tuple[torch.Tensor, dict[str, float]]:
@@ -171,7 +242,7 @@ class DEAL(ContinualMethod):
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
         if (not self.factors or checkpointing
-                or any(is_zero3(p) for f in self.factors for p in f.parameters())):
+                or any(is_zero3(p) for f in (*self.factors, *self.growth) for p in f.parameters())):
             yield
             return
         with parametrize.cached():
@@ -205,16 +276,39 @@ class DEAL(ContinualMethod):
         self._retention_start = [t.float().to(device) for t in ret]
         self._update_start = [t.float().to(device) for t in upd]
 
+    def save_adapter(self, model: PeftModel, path: str) -> None:
+        """The ``default`` adapter as PEFT saves it; with ``deal_grow_adapter`` the concatenation of ``task_0 ..
+        task_t``, one plain PEFT adapter of rank (t+1)·r (``adapters.save_concatenated``)."""
+        if not self.grow:
+            super().save_adapter(model, path)
+            return
+        save_concatenated(model, self.adapter_names(model), path)
+
+    def load_adapter_weights(self, model: PeftModel, paths: list[str]) -> None:
+        """As the base class; with ``deal_grow_adapter`` rebuild ``task_0 .. task_{k-1}`` from the concatenated
+        adapter saved after task k (``adapters.load_concatenated``), all active and frozen.
+
+        Raises:
+            ValueError: with grow, the saved adapter's rank is not k · ``lora_rank``.
+        """
+        if not self.grow:
+            super().load_adapter_weights(model, paths)
+            return
+        names = [task_adapter(i) for i in range(len(paths))]
+        load_concatenated(model, paths[-1], names, self.cfg.lora_rank, self.lora_config())
+
     def after_task(self, model: PeftModel, task_index: int, train_batches=None) -> None:
-        """Fold: A <- O_Aᵀ, B <- O_B in place; the adapter is plain LoRA again (and stays frozen).
+        """Fold: A <- O_Aᵀ, B <- O_B in place (with grow also the new adapter's A <- A0 + R P⊥); the adapters are
+        plain LoRA again (the history's stay frozen).
 
         The same as ``deal.fold`` on each weight, in two phases so that it also holds under ZeRO-3: every O is
         computed first (running a parametrization is a forward pass, after which ZeRO-3 may release the weight),
         then the parametrizations are removed and the values written (``model.sharding.writing``)."""
         if task_index == 0:
             return
-        linears = [linear for _name, layer in lora_layers(model)
-                   for linear in (layer.lora_A["default"], layer.lora_B["default"])
+        linears = [linear for _name, layer in lora_layers(model, self.trained_adapter())
+                   for adapter in self.adapter_names(model)
+                   for linear in (layer.lora_A[adapter], layer.lora_B[adapter])
                    if parametrize.is_parametrized(linear, "weight")]
         with torch.no_grad():
             folded = [linear.weight.detach().clone() for linear in linears]
@@ -223,4 +317,4 @@ class DEAL(ContinualMethod):
             with writing([linear.weight for linear in linears]):
                 for linear, value in zip(linears, folded):
                     linear.weight.copy_(value)
-        self.factors = []
+        self.factors, self.growth = [], []

@@ -23,13 +23,9 @@ import torch
 from peft import PeftModel
 
 from ..model.sharding import live
-from .adapters import (activate, adapter_parameters, kept_adapter_state, load_named_adapter, lora_layers,
-                       save_named_adapter, task_adapter)
+from .adapters import (activate, adapter_parameters, load_concatenated, lora_layers, save_concatenated,
+                       task_adapter)
 from .base import ContinualMethod, paper_row
-
-CAT_ADAPTER = "o_lora_cat"
-"""Name of the temporary concatenated adapter built for saving (and while resuming)."""
-
 
 class OLoRA(ContinualMethod):
     """O-LoRA with one new rank-r adapter per task. Config keys: ``o_lora_lambda_orth``, ``o_lora_lambda_l2``."""
@@ -98,64 +94,16 @@ class OLoRA(ContinualMethod):
         return total, logs
 
     def save_adapter(self, model: PeftModel, path: str) -> None:
-        """Save the concatenation of all task adapters as one plain PEFT adapter of rank k·r.
-
-        The temporary ``cat`` adapter is deleted again; active adapters and ``requires_grad`` are unchanged.
-        """
-        names = self.adapter_names(model)
-        if len(names) == 1:
-            save_named_adapter(model, names[0], path)
-            return
-        with kept_adapter_state(model):
-            model.base_model.add_weighted_adapter(names, [1.0] * len(names), CAT_ADAPTER, combination_type="cat")
-            try:
-                self._float32_cat(model, names)
-                save_named_adapter(model, CAT_ADAPTER, path)
-            finally:
-                model.delete_adapter(CAT_ADAPTER)
-
-    @staticmethod
-    def _float32_cat(model: PeftModel, names: list[str]) -> None:
-        """PEFT creates the ``cat`` adapter in the dtype of the base layers (new adapters follow the base weight's
-        dtype), which on a bfloat16/float16 base rounds ``A_i · scaling_i`` to 16 bits. Recompute such a ``cat`` in
-        float32 from the float32 task adapters, with PEFT's formula for weights 1 (rows ``A_i · scaling_i``,
-        columns ``B_i``)."""
-        with torch.no_grad():
-            for _n, layer in lora_layers(model, CAT_ADAPTER):
-                a_cat, b_cat = layer.lora_A[CAT_ADAPTER].weight, layer.lora_B[CAT_ADAPTER].weight
-                if a_cat.dtype == torch.float32 and b_cat.dtype == torch.float32:
-                    continue
-                a_cat.data = torch.cat([layer.lora_A[n].weight * layer.scaling[n] for n in names], dim=0).float()
-                b_cat.data = torch.cat([layer.lora_B[n].weight for n in names], dim=1).float()
+        """Save the concatenation of all task adapters as one plain PEFT adapter of rank k·r
+        (``adapters.save_concatenated``)."""
+        save_concatenated(model, self.adapter_names(model), path)
 
     def load_adapter_weights(self, model: PeftModel, paths: list[str]) -> None:
-        """Rebuild adapters ``task_0 .. task_{k-1}`` from the concatenated adapter saved after task k.
-
-        Block i of the saved adapter holds ``A_i · scaling_i / scaling_cat`` and ``B_i``; dividing the scale
-        back out is exact when ``lora_alpha / lora_rank`` is a power of two (the default 32 / 8 = 4) and
-        otherwise within one float rounding of the trained ``A_i``. All adapters end active and frozen.
+        """Rebuild adapters ``task_0 .. task_{k-1}`` from the concatenated adapter saved after task k
+        (``adapters.load_concatenated``); all end active and frozen.
 
         Raises:
             ValueError: the saved adapter's rank is not k · ``lora_rank``.
         """
-        k = len(paths)
-        r = self.cfg.lora_rank
-        names = [task_adapter(i) for i in range(k)]
-        load_named_adapter(model, paths[-1], CAT_ADAPTER)  # inactive and frozen
-        try:
-            if model.peft_config[CAT_ADAPTER].r != k * r:
-                raise ValueError(f"{paths[-1]} has rank {model.peft_config[CAT_ADAPTER].r}, expected {k} tasks × "
-                                 f"rank {r}.")
-            for name in names[1:]:
-                model.add_adapter(name, self.lora_config())
-            with torch.no_grad():
-                for _n, layer in lora_layers(model, CAT_ADAPTER):
-                    a_cat, b_cat = layer.lora_A[CAT_ADAPTER].weight, layer.lora_B[CAT_ADAPTER].weight
-                    for i, name in enumerate(names):
-                        ratio = layer.scaling[CAT_ADAPTER] / layer.scaling[name]
-                        layer.lora_A[name].weight.copy_(a_cat[i * r:(i + 1) * r] * ratio)
-                        layer.lora_B[name].weight.copy_(b_cat[:, i * r:(i + 1) * r])
-        finally:
-            model.delete_adapter(CAT_ADAPTER)
-        activate(model, names)
-        model.set_requires_grad(names, requires_grad=False)
+        names = [task_adapter(i) for i in range(len(paths))]
+        load_concatenated(model, paths[-1], names, self.cfg.lora_rank, self.lora_config())

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..deal import low_rank_svd
 from ..methods.adapters import lora_layers
 
 
@@ -131,22 +132,6 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
         return 0
     cum = torch.cumsum(e, 0)
     return min(int((cum < energy * total * (1 - 1e-12)).sum()) + 1, len(s))
-
-
-def low_rank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD (U, s, V) of M = b @ a (b: d_out × R, a: R × d_in) without forming M: M = U diag(s) Vᵀ.
-
-    M has rank ≤ R (R = r · number of adapters), while d_out × d_in is large, so: b = Q_b R_b and aᵀ = Q_a R_a
-    (reduced QR; Q_b: d_out × R, Q_a: d_in × R, orthonormal columns), M = Q_b (R_b R_aᵀ) Q_aᵀ, and the SVD of the
-    R × R core C = R_b R_aᵀ = U_c diag(s) V_cᵀ gives U = Q_b U_c, V = Q_a V_c. O((d_out + d_in) R²) instead of
-    O(d_out d_in min(d_out, d_in)). Float64, on the CPU; the results go back to ``b``'s device.
-    """
-    device = b.device
-    b, a = b.detach().double().cpu(), a.detach().double().cpu()
-    q_b, r_b = torch.linalg.qr(b)
-    q_a, r_a = torch.linalg.qr(a.T)
-    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    return (q_b @ u_c).to(device), s.to(device), (q_a @ vh_c.T).to(device)
 
 
 def _top(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor]:

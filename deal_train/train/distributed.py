@@ -229,7 +229,7 @@ def _input_requires_grad(module: torch.nn.Module, args: tuple) -> tuple | None:
 
 
 def mark_leaf_modules(model: torch.nn.Module) -> None:
-    """Make DEAL's ``DEALFactor`` modules of ``model`` ZeRO-3 leaf modules, whose gradients ZeRO-3 reduces only once
+    """Make DEAL's ``DEALFactor`` (and ``OrthogonalGrowth``) modules of ``model`` ZeRO-3 leaf modules, whose gradients ZeRO-3 reduces only once
     they are complete. Call before ``accelerator.prepare`` (our hook must run before ZeRO-3's own); idempotent; a
     no-op without ``DEALFactor`` modules.
 
@@ -252,14 +252,14 @@ def mark_leaf_modules(model: torch.nn.Module) -> None:
     reentrant gradient checkpointing, lie in the outer backward pass, which finishes them before it recomputes the
     checkpointed layers). ``tests/test_distributed.py`` checks this order.
     """
-    from ..deal import DEALFactor
+    from ..deal import DEALFactor, OrthogonalGrowth
 
-    factors = [m for m in model.modules() if isinstance(m, DEALFactor)]
+    factors = [m for m in model.modules() if isinstance(m, (DEALFactor, OrthogonalGrowth))]
     if not factors:
         return
     from deepspeed.utils import set_z3_leaf_modules
 
-    set_z3_leaf_modules(model, [DEALFactor])
+    set_z3_leaf_modules(model, [DEALFactor, OrthogonalGrowth])
     for factor in factors:
         if not getattr(factor, "_zero3_input_hook", None):
             factor._zero3_input_hook = factor.register_forward_pre_hook(_input_requires_grad)

@@ -273,8 +273,8 @@ def memory_kind(method: str) -> str:
 def estimate(model: str, method: str, cfg: TrainConfig, profile: HardwareProfile, seq_len: int | None = None,
              shapes: ModelShapes | None = None, answer_window: int | None = None) -> MemoryEstimate:
     """Peak training memory per device of ``method`` (``lora``/``seq_lora``/any baseline training one adapter, or
-    ``deal`` in a task after the first) on ``model`` under ``profile`` and the batch, lengths and adapter of
-    ``cfg``.
+    ``deal`` in a task after the first; with ``deal_grow_adapter`` task 2: one earlier adapter and the new one) on
+    ``model`` under ``profile`` and the batch, lengths and adapter of ``cfg``.
 
     Args:
         seq_len: tokens per decoder-only row (default ``max_source_length + max_target_length``, the longest).
@@ -320,6 +320,11 @@ def estimate(model: str, method: str, cfg: TrainConfig, profile: HardwareProfile
                     tensors.append(residual)
                 # θ and R, the θ₀ copy of the delta regulariser, Y/U/s/V
                 deal_parameters += (params + residual) * param_bytes + params * 4 + buffers * 4
+        if cfg.deal_grow_adapter:  # task 2: the new adapter's R (r × d_in) and B train; its A0 and basis V_k (≤ r
+            for x, y, d_in, _ in lora_sizes:  # columns) are held besides
+                tensors += [x, y]
+                deal_parameters += x * 4
+            lora_adapter *= 2
     else:
         tensors = [x for x, y, _, _ in lora_sizes] + [y for x, y, _, _ in lora_sizes]
     trainable = sum(tensors)
