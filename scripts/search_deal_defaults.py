@@ -13,8 +13,14 @@ Scoring is on ``eval_split: validation`` (rows carved from the training files), 
 
 Round 1 (``docs/deal_defaults.md``) found today's defaults at a small budget where nothing was forgotten. Round 2
 (``--round 2``, ``docs/deal_defaults_round2.md``, issue "DEAL round 2") starts from those defaults and searches the
-retention switches (docs/design.md 3.1-3.3) at a budget where SeqLoRA does forget: standard order 1 with 300
+retention switches (docs/design.md 3.1-3.4) at a budget where SeqLoRA does forget: standard order 1 with 300
 training rows per task and the 100-row validation carve, about 25 minutes per point on one core.
+
+A round-2 search outlives a machine: ``--save`` copies the ``metrics.json`` of every finished point into
+``results/deal_search_round2/`` (committed; a few KB each) and exits, and every round-2 invocation first copies
+those back into its output folder, where the sweep reads them back instead of rerunning. Points of a stage can run
+in parallel processes with ``python -m deal_train.sweep`` into ``<output_dir>/stage<i>`` (and ``reference``) with
+the round's budget; this script then reads them back.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ where sequential training forgets; about 25 minutes per point on one core with t
 STAGES_ROUND2: list[tuple[str, list[str]]] = [
     ("A new rank-r adapter per task, orthogonal to the history's input directions (docs/design.md 3.4)",
      ["deal_grow_adapter=false,true"]),
-    ("The residual R on the filtered history, with or without the growing adapter", ["deal_residual_update=true,false"]),
+    ("The residual R on the filtered history, with or without the growing adapter",
+     ["deal_residual_update=true,false"]),
     ("Residual (and MLP correction) projected off the history's top-k directions (energy 0.95)",
      ["deal_project_residual=none,A,B,both"]),
     ("Drift penalty weighted by the history's singular values", ["deal_drift_weighting=flat,spectral"]),
@@ -70,6 +77,38 @@ STAGES_ROUND2: list[tuple[str, list[str]]] = [
 ]
 """Round 2's stages (docs/design.md 3.1-3.4); every switch is off in round 1's winner, so its first row is the
 incumbent."""
+
+KEEP_ROUND2 = os.path.join("results", "deal_search_round2")
+"""Where ``--save`` keeps the finished round-2 points' metrics (relative to the repository root)."""
+
+
+def copy_finished(src_root: str, dst_root: str) -> list[str]:
+    """Copy ``<src_root>/<folder>/<point>/metrics.json`` of every finished run to the same place under ``dst_root``
+    where that place holds no finished run yet (written atomically). Returns the copied relative paths."""
+    copied = []
+    if not os.path.isdir(src_root):
+        return copied
+    for folder in sorted(os.listdir(src_root)):
+        if not os.path.isdir(os.path.join(src_root, folder)):
+            continue
+        for point in sorted(os.listdir(os.path.join(src_root, folder))):
+            rel = os.path.join(folder, point, "metrics.json")
+            src, dst = os.path.join(src_root, rel), os.path.join(dst_root, rel)
+            if not os.path.isfile(src):
+                continue
+            with open(src, encoding="utf-8") as fh:
+                text = fh.read()
+            if not json.loads(text).get("finished"):
+                continue
+            if os.path.isfile(dst):
+                with open(dst, encoding="utf-8") as fh:
+                    if json.load(fh).get("finished"):
+                        continue
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            atomic_write_text(dst, text)
+            copied.append(rel)
+    return copied
+
 
 ROUNDS = {1: (BUDGET, STAGES, REFERENCE_GRID, DOC, os.path.join("outputs", "deal_search")),
           2: (BUDGET_ROUND2, STAGES_ROUND2, ["method=seq_lora,o_lora"], os.path.join("docs", "deal_defaults_round2.md"),
@@ -129,10 +168,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default="1,2",
                         help="Stages to run (comma-separated numbers); later stages need the earlier ones.")
     parser.add_argument("--doc", default=None, help="Where to write the Markdown report (default: the round's).")
+    parser.add_argument("--save", action="store_true",
+                        help=f"Round 2: copy the finished points' metrics.json to {KEEP_ROUND2}/ and exit.")
     args, extra = parser.parse_known_args(argv)
     budget, stages, reference_grid, doc_path, output_dir = ROUNDS[args.round]
     args.doc = args.doc or doc_path
+    keep = args.round == 2 and os.path.abspath(args.output_dir or output_dir) == os.path.abspath(output_dir)
     args.output_dir = args.output_dir or output_dir
+    if args.save and not keep:
+        parser.error(f"--save keeps round 2's points of its default output folder {output_dir} only.")
+    if keep:
+        if args.save:
+            copied = copy_finished(args.output_dir, KEEP_ROUND2)
+            print(f"saved {len(copied)} finished points to {KEEP_ROUND2}: {', '.join(copied) or 'none new'}")
+            return 0
+        restored = copy_finished(KEEP_ROUND2, args.output_dir)
+        if restored:
+            print(f"restored {len(restored)} finished points from {KEEP_ROUND2}")
     wanted = {int(s) for s in args.stages.split(",") if s.strip()}
     base = config_from_args(build_parser().parse_args([*budget, *extra, "--method", "deal"]))
     started = time.time()
@@ -215,6 +267,8 @@ regularisers on the raw parameters).
     os.makedirs(os.path.dirname(args.doc) or ".", exist_ok=True)
     atomic_write_text(args.doc, doc)
     print(f"Written {args.doc}")
+    if keep:
+        copy_finished(args.output_dir, KEEP_ROUND2)
     return 0
 
 
