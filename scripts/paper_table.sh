@@ -45,9 +45,7 @@ run() {  # order method
         echo "FAILED: order $k $m (rerun this script to resume)"; failed=1; return 0
     fi
     finished "$run_dir/metrics.json" || { echo "not finished: $run_dir"; failed=1; return 0; }
-    rm -rf "$dest.tmp" && mkdir -p "$dest.tmp" && cp "$run_dir/metrics.json" "$dest.tmp/" \
-        && cp -r "$run_dir/predictions" "$dest.tmp/" && find "$dest.tmp/predictions" -name '*.jsonl' -exec gzip -9n {} + \
-        && rm -rf "$dest" && mv "$dest.tmp" "$dest" && echo "copied: $dest" && rm -rf "$saved"
+    "$PYTHON" -m deal_train.tools.partial_runs finished --run_dir "$run_dir" --dest "$dest" && rm -rf "$saved"
 }
 
 page() {  # docs/results.md from the finished runs in $RESULTS_DIR (only for the default results folder)

@@ -119,6 +119,9 @@ def test_restore_refuses_a_finished_run_and_never_rewinds_a_more_advanced_one(ta
     metrics.update(finished=False, completed_tasks=1)
     (partial / "metrics.json").write_text(json.dumps(metrics))
     assert partial_runs.save_run(str(partial), str(copy)) == 1
+    with pytest.raises(partial_runs.PartialRunError, match="holds no finished run"):  # the final copy needs one
+        partial_runs.copy_finished_run(str(partial), str(tmp_path / "final"))
+    assert not (tmp_path / "final").exists()
     with pytest.raises(partial_runs.PartialRunError, match="holds a finished run"):
         partial_runs.restore_run(str(copy), str(finished))
     metrics.update(completed_tasks=2)

@@ -15,6 +15,10 @@ committed folder and back:
   or less advanced run folder, so that the same training command resumes it (``scripts/paper_table.sh`` does this
   before each run, and removes the saved copy once the run has finished).
 
+* ``python -m deal_train.tools.partial_runs finished --run_dir RUN --dest DIR`` copies a *finished* run's
+  ``metrics.json`` and predictions (gzipped) to ``DIR`` (``results/<group>/<method>/``, what ``deal_train.results``
+  reads), replacing ``DIR`` atomically; ``scripts/paper_table.sh`` calls it after each run.
+
 ``<results_dir>/partial`` is not read by ``deal_train.results``: the page is made from finished runs only.
 """
 
@@ -105,6 +109,26 @@ def save_run(run_dir: str, dest: str) -> int:
     return k
 
 
+def copy_finished_run(run_dir: str, dest: str) -> None:
+    """Copy the finished run in ``run_dir`` to ``dest``: ``metrics.json`` and every ``predictions/<folder>/*.jsonl``
+    gzipped (no adapters, no checkpoints); ``dest`` is replaced atomically.
+
+    Raises:
+        PartialRunError: ``run_dir`` holds no finished run.
+    """
+    metrics = read_progress(run_dir)
+    if metrics is None or not metrics.get("finished"):
+        raise PartialRunError(f"{run_dir} holds no finished run (metrics.json missing or not finished); rerun its "
+                              f"training command to finish it first.")
+
+    def write(tmp: str) -> None:
+        shutil.copyfile(os.path.join(run_dir, METRICS_FILE), os.path.join(tmp, METRICS_FILE))
+        for folder in sorted(glob.glob(os.path.join(run_dir, "predictions", "*"))):
+            _gzip_folder(folder, os.path.join(tmp, "predictions", os.path.basename(folder)))
+
+    atomic_write_dir(dest, write)
+
+
 def save_all(runs_root: str, results_dir: str) -> list[tuple[str, int]]:
     """``save_run`` for every ``<runs_root>/<group>/<method>``; returns (saved folder, tasks) of those saved."""
     out = []
@@ -159,9 +183,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_restore = sub.add_parser("restore", help="put a saved unfinished run back into its run folder")
     p_restore.add_argument("--saved", required=True)
     p_restore.add_argument("--run_dir", required=True)
+    p_finished = sub.add_parser("finished", help="copy a finished run's metrics and gzipped predictions to --dest")
+    p_finished.add_argument("--run_dir", required=True)
+    p_finished.add_argument("--dest", required=True)
     args = parser.parse_args(argv)
     try:
-        if args.command == "save":
+        if args.command == "finished":
+            copy_finished_run(args.run_dir, args.dest)
+            print(f"copied: {args.dest}")
+        elif args.command == "save":
             saved = save_all(args.runs_root, args.results_dir)
             for dest, k in saved:
                 print(f"saved {k} finished task(s): {dest}")
