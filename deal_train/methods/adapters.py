@@ -20,6 +20,14 @@ def task_adapter(task_index: int) -> str:
     return f"task_{task_index}"
 
 
+def task_adapter_names(model: PeftModel) -> list[str]:
+    """``task_0 .. task_{k-1}``: the per-task adapters the model holds, in task order (up to the first gap)."""
+    names = []
+    while task_adapter(len(names)) in model.peft_config:
+        names.append(task_adapter(len(names)))
+    return names
+
+
 def lora_layers(model: torch.nn.Module, adapter: str = "default") -> list[tuple[str, LoraLayer]]:
     """(name, layer) for every PEFT LoRA layer that holds ``adapter``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]

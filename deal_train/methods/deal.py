@@ -24,7 +24,8 @@ from torch.nn.utils import parametrize
 from ..config import PROFILES
 from ..deal import DEALFactor, OrthogonalGrowth, attach, history_input_basis, regulariser, set_drift_floors
 from ..model.sharding import is_zero3, live, live_named, writing
-from .adapters import activate, load_concatenated, lora_layers, save_concatenated, task_adapter
+from .adapters import (activate, load_concatenated, lora_layers, save_concatenated, task_adapter,
+                       task_adapter_names)
 from .base import ContinualMethod, paper_row
 
 
@@ -106,12 +107,7 @@ class DEAL(ContinualMethod):
 
     def adapter_names(self, model: PeftModel) -> list[str]:
         """The adapters the model holds, in task order: ``default``, or ``task_0 .. task_{k-1}`` with grow."""
-        if not self.grow:
-            return ["default"]
-        names = []
-        while task_adapter(len(names)) in model.peft_config:
-            names.append(task_adapter(len(names)))
-        return names
+        return task_adapter_names(model) if self.grow else ["default"]
 
     def trained_adapter(self) -> str:
         return task_adapter(self.task_index) if self.grow else "default"

@@ -24,7 +24,7 @@ from peft import PeftModel
 
 from ..model.sharding import live
 from .adapters import (activate, adapter_parameters, load_concatenated, lora_layers, save_concatenated,
-                       task_adapter)
+                       task_adapter, task_adapter_names)
 from .base import ContinualMethod, paper_row
 
 class OLoRA(ContinualMethod):
@@ -45,10 +45,7 @@ class OLoRA(ContinualMethod):
     @staticmethod
     def adapter_names(model: PeftModel) -> list[str]:
         """``task_0 .. task_{k-1}``: the task adapters the model holds, in task order."""
-        names = []
-        while task_adapter(len(names)) in model.peft_config:
-            names.append(task_adapter(len(names)))
-        return names
+        return task_adapter_names(model)
 
     def trained_adapter(self) -> str:
         return task_adapter(self.task_index)
