@@ -39,6 +39,7 @@ import torch
 from datasets import Dataset
 
 from ..config import ConfigError, TrainConfig
+from ..model.loading import is_encoder_decoder, model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,10 +154,10 @@ class FastpathBench:
         torch.set_num_threads(opts.num_threads or torch.get_num_threads())
         tasks = list(opts.tasks or (opts.task,))
         opts = dataclasses.replace(opts, task=tasks[0], num_threads=torch.get_num_threads())
-        self.bench = b = Bench(cfg, opts)
-        if b.encoder_decoder:
+        if is_encoder_decoder(model_config(cfg.model)):  # refused before any weights are built
             raise ConfigError("--suite fastpath: the shared-prefix fast path is decoder-only; pick a decoder-only "
                               "model (or run the classic suite).")
+        self.bench = b = Bench(cfg, opts)
         self.cfg, self.opts = b.cfg, opts
         self.trl = opts.trl and trl_available()
         self.variants = [v for v in variants if v.kind != "trl" or self.trl]
