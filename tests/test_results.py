@@ -243,3 +243,18 @@ def test_uncertainty_section_power_without_runs(tmp_path):
     md = out.read_text()
     assert "500, 500, 439, 500 test rows (from the paper budget" in md
     assert f"{100 * results.stats.aa_standard_error([500, 500, 439, 500]):.2f} points" in md
+
+
+def test_forgetting_section_from_real_runs(runs, tmp_path):
+    """Order 1's earlier task (SST-2) after IMDB: the wrong count equals the rows the run's own exact match
+    scored 0, and the three kinds add up to it."""
+    out = tmp_path / "results.md"
+    assert results.main(["--runs", str(runs), "--output", str(out)]) == 0
+    section = out.read_text().split("## Where the forgetting goes", 1)[1].split("\n## ", 1)[0]
+    for m in ("deal", "seq_lora"):
+        cells = _row(section, f"| `{m}` | SST-2 |")
+        folder = os.path.join(runs, results.order_dir(1), m, "predictions", "after_2-IMDB")
+        em = results.stats.read_exact_match(results.stats.find_prediction_file(folder, 0, "SST-2"))
+        assert int(cells[2]) == len(em) and int(cells[3]) == int((em == 0).sum())
+        assert sum(int(c.split()[0]) for c in cells[4:7]) == int(cells[3])
+    assert "`o_lora`" not in section  # not run: no line
