@@ -9,7 +9,8 @@
 # every unfinished run to $RESULTS_DIR/partial/standard_order<k>/<method>/ (commit that folder); a later run of this
 # script on any machine restores such a copy before the run, resumes after its last finished task, and deletes the
 # copy once the run has finished (deal_train/tools/partial_runs.py).
-# Environment: RUNS_ROOT [outputs/paper_table], RESULTS_DIR [results], METHODS1, METHODS23, ORDERS23 ["2 3"],
+# Environment: RUNS_ROOT [outputs/paper_table], RESULTS_DIR [results], METHODS1, METHODS23, ORDERS23 ["2 3"] (set
+#   but empty: none, e.g. METHODS1="" METHODS23=deal ORDERS23=2 runs order 2 of deal only),
 #   CONFIG_PREFIX [configs/paper_budget_smollm2_order], EXTRA_ARGS (more trainer options, e.g. a tiny smoke check:
 #   EXTRA_ARGS="--model tiny-random-llama --max_train_samples 4 --max_test_samples 3 --max_new_tokens 3").
 set -uo pipefail
@@ -17,8 +18,8 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 RUNS_ROOT="${RUNS_ROOT:-outputs/paper_table}"
 RESULTS_DIR="${RESULTS_DIR:-results}"
-METHODS1="${METHODS1:-deal seq_lora o_lora osf per_task replay ewc lwf}"
-METHODS23="${METHODS23:-deal seq_lora o_lora osf replay}"
+METHODS1="${METHODS1-deal seq_lora o_lora osf per_task replay ewc lwf}"
+METHODS23="${METHODS23-deal seq_lora o_lora osf replay}"
 ORDERS23="${ORDERS23-2 3}"
 CONFIG_PREFIX="${CONFIG_PREFIX:-configs/paper_budget_smollm2_order}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
