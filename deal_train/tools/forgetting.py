@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import gzip
-import json
 from typing import Sequence
 
 from ..outputs.layout import RunLayout
-from .stats import find_prediction_file
+from .stats import find_prediction_file, read_prediction_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +50,7 @@ class TaskErrors:
 
 
 def _read_rows(path: str) -> list[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_prediction_rows(path)
     for n, r in enumerate(rows, 1):
         if "prediction" not in r or "label" not in r:
             raise ValueError(f"{path}:{n}: a predictions row needs 'prediction' and 'label'")

@@ -129,23 +129,25 @@ def paired_difference_standard_error(rows_per_task: Sequence[int], disagreement:
     return math.sqrt(sum(disagreement / n for n in rows_per_task)) / len(rows_per_task)
 
 
+def read_prediction_rows(path: str) -> list[dict]:
+    """The rows of a predictions .jsonl or .jsonl.gz file (blank lines skipped), in file order."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def read_exact_match(path: str) -> np.ndarray:
     """Per-row exact match (0/1, float64, shape [rows], ordered by ``index``) from a predictions .jsonl(.gz) file.
 
     Raises ValueError naming the file when a line lacks ``exact_match``.
     """
-    import gzip
-
-    opener = gzip.open if path.endswith(".gz") else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            if "exact_match" not in r:
-                raise ValueError(f"{path}:{n}: no 'exact_match' in the predictions row")
-            rows.append((r.get("index", n), float(r["exact_match"])))
+    for n, r in enumerate(read_prediction_rows(path), 1):
+        if "exact_match" not in r:
+            raise ValueError(f"{path}:{n}: no 'exact_match' in the predictions row")
+        rows.append((r.get("index", n), float(r["exact_match"])))
     rows.sort()
     return np.array([v for _, v in rows], dtype=np.float64)
 
