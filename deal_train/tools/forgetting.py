@@ -21,6 +21,7 @@ import collections
 import dataclasses
 from typing import Sequence
 
+from ..data.labels import normalize_answer
 from ..outputs.layout import RunLayout
 from .stats import find_prediction_file, read_prediction_rows
 
@@ -57,10 +58,6 @@ def _read_rows(path: str) -> list[dict]:
     return rows
 
 
-def _norm(text: str) -> str:
-    return " ".join(str(text).split()).lower()
-
-
 def forgetting_breakdown(run_dir: str, tasks: Sequence[str]) -> list[TaskErrors]:
     """The error kinds of every task but the last, from the predictions after the last task.
 
@@ -68,8 +65,8 @@ def forgetting_breakdown(run_dir: str, tasks: Sequence[str]) -> list[TaskErrors]
         run_dir: a run folder with ``predictions/after_<n>-<last task>/``.
         tasks: the run's task order (``metrics.json``'s ``tasks``), at least two.
     Returns:
-        One ``TaskErrors`` per earlier task, in task order. Predictions and labels are compared after lower-casing
-        and collapsing white space (the accuracy's own exact match may differ on rows with stray spacing).
+        One ``TaskErrors`` per earlier task, in task order. Predictions and labels are compared after the exact
+        match's own ``normalize_answer`` (data/labels.py), so ``wrong`` counts the rows the accuracy scores 0.
     Raises:
         FileNotFoundError: a predictions file of the last evaluation is missing (named).
         ValueError: fewer than two tasks, or a row without ``prediction``/``label`` (file and line named).
@@ -80,11 +77,12 @@ def forgetting_breakdown(run_dir: str, tasks: Sequence[str]) -> list[TaskErrors]
     last = len(tasks) - 1
     folder = layout.predictions(last, tasks[last])
     rows = [_read_rows(find_prediction_file(folder, i, t)) for i, t in enumerate(tasks)]
-    labels = [{_norm(r["label"]) for r in task_rows} for task_rows in rows]
+    labels = [{normalize_answer(r["label"]) for r in task_rows} for task_rows in rows]
     out = []
     for i, t in enumerate(tasks[:-1]):
         later = set().union(*labels[i + 1:]) - labels[i]
-        wrong = [_norm(r["prediction"]) for r in rows[i] if _norm(r["prediction"]) != _norm(r["label"])]
+        answers = [(normalize_answer(r["prediction"]), normalize_answer(r["label"])) for r in rows[i]]
+        wrong = [p for p, g in answers if p != g]
         counts = collections.Counter(str(r["prediction"]).strip() for r in rows[i])
         top, top_n = counts.most_common(1)[0] if counts else ("", 0)
         n_later = sum(p in later for p in wrong)
